@@ -83,16 +83,16 @@ def _format_of(path: str, where: str) -> str:
     return fmt
 
 
-def _decode(data: bytes, where: str) -> str:
+def _decode(data: bytes, where: str, header: bool) -> str:
     if not data.strip():
         raise DataError(f"{where}: file is empty. Point the source at a file with rows, or remove it.")
     if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data[:4096]:
         raise DataError(f"{where}: not UTF-8 (looks like UTF-16). Re-encode it: iconv -f UTF-16 -t UTF-8 IN > OUT")
     text = data.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
-    lines = [ln for ln in text.splitlines() if ln.strip()]
+    lines = [ln for ln in text.splitlines() if ln.strip()][1 if header else 0 :]
     if lines and all(_UNDECODABLE.search(ln) for ln in lines):
         raise DataError(
-            f"{where}: not UTF-8 (no line decodes). Re-encode it, e.g. iconv -f LATIN1 -t UTF-8 IN > OUT"
+            f"{where}: not UTF-8 (no row decodes). Re-encode it, e.g. iconv -f LATIN1 -t UTF-8 IN > OUT"
         )
     return text
 
@@ -101,7 +101,7 @@ def parse_bytes(data: bytes, fmt: str, where: str) -> list[tuple[int, dict]]:
     """Parse a whole file into (line number, record) pairs."""
     if fmt == "parquet":
         return _parquet(data, where)
-    text = _decode(data, where)
+    text = _decode(data, where, header=fmt == "csv")
     if fmt == "csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))
         if reader.fieldnames is None or any(_UNDECODABLE.search(f or "") for f in reader.fieldnames):
