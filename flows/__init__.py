@@ -1,0 +1,1 @@
+"""Prefect flows: they only chain tasks. `retrain` is the main job."""

@@ -1,0 +1,140 @@
+"""Model registry: register versions with lineage tags, promote by policy, roll back.
+
+Registered models: `<prefix>-meta` (the meta-learned initialisation) and `<prefix>-<domain>`.
+A new version gets alias `challenger`; `champion` moves only after every check passed, as
+the very last write, so a crash anywhere before leaves the previous champion in place.
+Decisions and reasons are written to the version's tags; re-running is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from metaloop.errors import MetaloopError
+from metaloop.promotion import Check, Decision, Scored, decide
+from tasks.tracking import TAG
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+
+
+def model_name(prefix: str, domain: str) -> str:
+    return f"{prefix}-{domain}"
+
+
+def log_classifier(c: MlflowClient, run_id: str, classifier_dir: Path, artifact_path: str = "model") -> str:
+    """Log a classifier folder as a models-from-code pyfunc under the run; return its URI."""
+    import mlflow.pyfunc
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    signature = ModelSignature(inputs=Schema([ColSpec("string")]),
+                               outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / artifact_path
+        mlflow.pyfunc.save_model(
+            path=str(local), python_model=str(PYFUNC_CODE), artifacts={"classifier": str(classifier_dir)},
+            signature=signature, pip_requirements=["metaloop", "torch", "transformers", "safetensors", "pandas"],
+        )
+        c.log_artifacts(run_id, str(local), artifact_path)
+    return f"runs:/{run_id}/{artifact_path}"
+
+
+def register_version(c: MlflowClient, name: str, source: str, run_id: str, tags: Mapping[str, str],
+                     description: str = "") -> str:
+    """Create a version of `name` (and the model if new), alias it `challenger`; return the version."""
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        c.create_registered_model(name, description=description or None)
+    mv = c.create_model_version(name, source=source, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+    c.set_registered_model_alias(name, CHALLENGER, mv.version)
+    return str(mv.version)
+
+
+def _alias(c: MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return str(c.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def _scored(c: MlflowClient, name: str, version: str) -> Scored:
+    tags = c.get_model_version(name, version).tags
+    return Scored(version, tags.get(TAG + "eval_hash", ""), json.loads(tags.get(TAG + "metrics", "{}")))
+
+
+def promote(c: MlflowClient, name: str, version: str, policy: Check,
+            before_alias_move: Callable[[], None] | None = None) -> Decision:
+    """Decide whether `version` replaces the champion; write the decision; move aliases last."""
+    champion = _alias(c, name, CHAMPION)
+    tags = c.get_model_version(name, version).tags
+    if champion == version:
+        return Decision(True, ("already champion",), version, champion)
+    if TAG + "decision" in tags and tags[TAG + "decided_against"] == str(champion):
+        # Decided before against this same champion: replay it (and finish an interrupted move).
+        decision = Decision(tags[TAG + "decision"] == "promote", tuple(json.loads(tags[TAG + "reasons"])), version, champion)
+    else:
+        decision = decide(_scored(c, name, version), _scored(c, name, champion) if champion else None, policy)
+        for key, value in {
+            "decision": "promote" if decision.promote else "keep",
+            "reasons": json.dumps(list(decision.reasons)),
+            "decided_against": str(champion),
+            "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }.items():
+            c.set_model_version_tag(name, version, TAG + key, value)
+    if not decision.promote:
+        return decision
+    if before_alias_move:
+        before_alias_move()  # tests inject a crash here
+    if champion:
+        c.set_model_version_tag(name, version, TAG + "previous_champion", champion)
+    c.set_registered_model_alias(name, CHAMPION, version)
+    if _alias(c, name, CHALLENGER) == version:
+        c.delete_registered_model_alias(name, CHALLENGER)
+    return decision
+
+
+def rollback(c: MlflowClient, name: str) -> str:
+    """Move `champion` back to the version it replaced; record both ends. Returns that version."""
+    current = _alias(c, name, CHAMPION)
+    if current is None:
+        raise MetaloopError(f"{name}: has no champion to roll back")
+    previous = c.get_model_version(name, current).tags.get(TAG + "previous_champion")
+    if not previous:
+        raise MetaloopError(f"{name}: champion v{current} replaced no earlier champion; nothing to roll back to")
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    c.set_model_version_tag(name, current, TAG + "rolled_back_at", stamp)
+    c.set_model_version_tag(name, previous, TAG + "restored_from", current)
+    c.set_registered_model_alias(name, CHAMPION, previous)
+    return previous
+
+
+@dataclass
+class ModelRow:
+    domain: str
+    registered_model: str
+    champion: str | None
+    challenger: str | None
+    tags: dict[str, str]
+
+
+def list_models(c: MlflowClient, prefix: str) -> list[ModelRow]:
+    rows = []
+    for rm in c.search_registered_models(filter_string=f"name LIKE '{prefix}-%'"):
+        champion, challenger = _alias(c, rm.name, CHAMPION), _alias(c, rm.name, CHALLENGER)
+        tags = c.get_model_version(rm.name, champion).tags if champion else {}
+        rows.append(ModelRow(rm.name.removeprefix(prefix + "-"), rm.name, champion, challenger, dict(tags)))
+    return sorted(rows, key=lambda r: r.domain)
+
+
+def as_json(rows: list[ModelRow]) -> str:
+    return json.dumps([asdict(r) for r in rows], indent=2)

@@ -1,0 +1,108 @@
+"""MLflow plumbing shared by the tasks: the client, runs with explicit ids, lineage tags.
+
+Tasks never use MLflow's fluent `active_run`: it is thread-local and breaks under
+Prefect's thread-pool task runner. Every call names its run id.
+
+Tracking URI: MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` with artifacts in
+./mlartifacts (the embedded default). A team server is an environment variable away.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from mlflow import MlflowClient
+
+from metaloop.config import Params
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+TAG = "metaloop."  # prefix of every tag this project writes
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def client() -> MlflowClient:
+    uri = tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+
+
+def experiment_id(c: MlflowClient, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if c.tracking_uri.startswith("sqlite:"):
+        # Local store: keep artifacts beside the database, not in a surprise ./mlruns.
+        location = (Path.cwd() / "mlartifacts").as_uri()
+    return c.create_experiment(name, artifact_location=location)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, list) and any(isinstance(v, Mapping) for v in value):
+            for i, item in enumerate(value):
+                out.update(flatten(item, f"{name}.{i}.") if isinstance(item, Mapping) else {f"{name}.{i}": str(item)})
+        else:
+            out[name] = json.dumps(value) if isinstance(value, list) else str(value)
+    return out
+
+
+def params_hash(params: Params) -> str:
+    return hashlib.sha256(json.dumps(params.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def git_commit(root: Path = Path(".")) -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown"
+
+
+def dvc_data_hash(lock: Path = Path("dvc.lock")) -> str:
+    """One hash over the md5s of every DVC stage output (what `dvc.lock` pins)."""
+    if not lock.is_file():
+        return "none"
+    stages = yaml.safe_load(lock.read_text())["stages"]
+    outs = sorted((o["path"], o["md5"]) for s in stages.values() for o in s.get("outs", []))
+    return hashlib.sha256(json.dumps(outs).encode()).hexdigest()[:16]
+
+
+def start_run(c: MlflowClient, exp_id: str, name: str, parent: str | None = None,
+              tags: Mapping[str, str] | None = None) -> str:
+    all_tags = dict(tags or {})
+    if parent:
+        all_tags["mlflow.parentRunId"] = parent
+    return c.create_run(exp_id, run_name=name, tags=all_tags).info.run_id
+
+
+def log_params(c: MlflowClient, run_id: str, params: Params) -> None:
+    from mlflow.entities import Param
+
+    flat = flatten(params.model_dump(mode="json"))
+    items = [Param(k, v[:6000]) for k, v in sorted(flat.items())]
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(c: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])

@@ -1,0 +1,123 @@
+"""Registry behaviour against a real MLflow SQLite store: register, promote, crash, rollback, load."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import run_cli, tiny_classifier
+from metaloop.config import Promotion
+from tasks.registry import CHALLENGER, CHAMPION, _alias, list_models, log_classifier, promote, register_version, rollback
+from tasks.tracking import TAG, client, experiment_id, start_run
+
+POLICY = Promotion(margin=0.5, guarded={"accuracy_1shot": 1.0}).policy()
+NAME = "metaloop-hotel"
+
+
+def new_version(c, tmp_path, accuracy: float, eval_hash: str = "e1", shot1: float = 80.0, log_model: bool = False) -> str:
+    run = start_run(c, experiment_id(c, "t"), "domain-hotel")
+    source = f"runs:/{run}/model"
+    if log_model:
+        source = log_classifier(c, run, tiny_classifier(tmp_path / f"clf-{run}", ["checkout", "shuttle", "towels"]))
+    tags = {TAG + "eval_hash": eval_hash, TAG + "metrics": json.dumps({"accuracy": accuracy, "accuracy_1shot": shot1}),
+            TAG + "data_hash": "d1", TAG + "git_commit": "abc", TAG + "params_hash": "p1", TAG + "recipe": "fp32",
+            TAG + "parent_run_id": run}
+    return register_version(c, NAME, source, run, tags)
+
+
+def test_first_version_becomes_champion_then_policy_decides(mlflow_sqlite, tmp_path):
+    c = client()
+    v1 = new_version(c, tmp_path, 90.0)
+    assert _alias(c, NAME, CHALLENGER) == v1
+    assert promote(c, NAME, v1, POLICY).reasons == ("no champion yet",)
+    assert _alias(c, NAME, CHAMPION) == v1 and _alias(c, NAME, CHALLENGER) is None
+
+    v2 = new_version(c, tmp_path, 90.2)  # within the margin
+    decision = promote(c, NAME, v2, POLICY)
+    assert not decision.promote and _alias(c, NAME, CHAMPION) == v1 and _alias(c, NAME, CHALLENGER) == v2
+    tags = c.get_model_version(NAME, v2).tags
+    assert tags[TAG + "decision"] == "keep" and "below the margin" in tags[TAG + "reasons"]
+
+    v3 = new_version(c, tmp_path, 92.0)
+    assert promote(c, NAME, v3, POLICY).promote
+    assert _alias(c, NAME, CHAMPION) == v3
+    assert c.get_model_version(NAME, v3).tags[TAG + "previous_champion"] == v1
+
+    assert rollback(c, NAME) == v1
+    assert _alias(c, NAME, CHAMPION) == v1
+    assert c.get_model_version(NAME, v1).tags[TAG + "restored_from"] == v3
+
+
+def test_different_eval_set_is_not_compared(mlflow_sqlite, tmp_path):
+    c = client()
+    promote(c, NAME, new_version(c, tmp_path, 90.0), POLICY)
+    v2 = new_version(c, tmp_path, 99.0, eval_hash="e2")
+    assert "different set" in promote(c, NAME, v2, POLICY).reasons[0]
+
+
+def test_crash_before_alias_move_leaves_champion_and_rerun_finishes(mlflow_sqlite, tmp_path):
+    c = client()
+    v1 = new_version(c, tmp_path, 90.0)
+    promote(c, NAME, v1, POLICY)
+    v2 = new_version(c, tmp_path, 95.0)
+
+    def crash():
+        raise RuntimeError("killed mid-promotion")
+
+    with pytest.raises(RuntimeError):
+        promote(c, NAME, v2, POLICY, before_alias_move=crash)
+    assert _alias(c, NAME, CHAMPION) == v1 and _alias(c, NAME, CHALLENGER) == v2
+    assert promote(c, NAME, v2, POLICY).promote
+    assert _alias(c, NAME, CHAMPION) == v2
+
+
+def test_rerunning_promotion_is_a_no_op(mlflow_sqlite, tmp_path):
+    c = client()
+    promote(c, NAME, new_version(c, tmp_path, 90.0), POLICY)
+    v2 = new_version(c, tmp_path, 90.1)
+    first = promote(c, NAME, v2, POLICY)
+    tags = c.get_model_version(NAME, v2).tags
+    assert promote(c, NAME, v2, POLICY) == first
+    assert c.get_model_version(NAME, v2).tags == tags
+
+
+def test_champion_loads_in_a_fresh_process_and_predicts(mlflow_sqlite, tmp_path):
+    c = client()
+    promote(c, NAME, new_version(c, tmp_path, 90.0, log_model=True), POLICY)
+    code = (
+        "import mlflow.pyfunc, json;"
+        f"m = mlflow.pyfunc.load_model('models:/{NAME}@champion');"
+        "out = m.predict(['can the shuttle pick us up at 6am', 'more towels please']);"
+        "print(json.dumps(out.to_dict('records')))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    preds = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(preds) == 2
+    assert all(p["label"] in {"checkout", "shuttle", "towels"} and 0 < p["score"] <= 1 for p in preds)
+    # Weights travel as safetensors, never as a pickle.
+    files = [f.path for f in c.list_artifacts(c.get_model_version(NAME, "1").run_id, "model/artifacts/" +
+             c.list_artifacts(c.get_model_version(NAME, "1").run_id, "model/artifacts")[0].path.split("/")[-1])]
+    assert any(f.endswith("model.safetensors") for f in files) and not any(f.endswith((".pkl", ".bin", ".pt")) for f in files)
+
+
+def test_cli_models_promote_rollback(mlflow_sqlite, tmp_path):
+    c = client()
+    v1 = new_version(c, tmp_path, 90.0)
+    from conftest import ROOT
+
+    params = str(ROOT / "params.yaml")
+    out = run_cli("metaloop", "promote", "--params", params, "--domain", "hotel", cwd=tmp_path).stdout
+    assert "hotel: v1 promote" in out
+    new_version(c, tmp_path, 93.0)
+    run_cli("metaloop", "promote", "--params", params, cwd=tmp_path)
+    rows = json.loads(run_cli("metaloop", "models", "--json", "--params", params, cwd=tmp_path).stdout)
+    assert rows[0]["domain"] == "hotel" and rows[0]["champion"] == "2" and rows[0]["challenger"] is None
+    assert rows[0]["tags"][TAG + "previous_champion"] == v1
+    assert "champion is now v1" in run_cli("metaloop", "rollback", "hotel", "--params", params, cwd=tmp_path).stdout
+    assert list_models(c, "metaloop")[0].champion == "1"
+    again = run_cli("metaloop", "rollback", "hotel", "--params", params, cwd=tmp_path, check=False)
+    assert again.returncode == 2 and "nothing to roll back" in again.stderr
