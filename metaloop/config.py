@@ -237,6 +237,19 @@ class Promotion(Strict):
                 & Beats(self.metric, self.margin) & NoRegression(self.guarded))
 
 
+class FlowSettings(Strict):
+    """How the retrain flow runs and when."""
+
+    task_runner: Literal["threads", "processes", "dask", "ray"] = Field(
+        "threads", description="Fan-out over target domains; dask/ray need prefect-dask/prefect-ray."
+    )
+    max_workers: PositiveInt = 2
+    address: str | None = Field(None, description="Dask scheduler / Ray cluster address.")
+    cron: str = Field("0 2 * * *", description="When `metaloop serve` retrains.")
+    timezone: str = "UTC"
+    watch_every_minutes: PositiveInt = Field(15, description="`metaloop serve --watch`: how often to check the sources.")
+
+
 class Params(Strict):
     seed: int = 13
     sources: list[Source] = Field(default_factory=lambda: [PackagedSource(kind="packaged")], min_length=1)
@@ -247,6 +260,7 @@ class Params(Strict):
     meta: Meta = Meta()
     registry: Registry = Registry()
     promotion: Promotion = Promotion()
+    flow: FlowSettings = FlowSettings()
 
 
 # ---------------------------------------------------------------- loading

@@ -106,3 +106,33 @@ def log_metrics(c: MlflowClient, run_id: str, metrics: Mapping[str, float], step
 
     now = int(time.time() * 1000)
     c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def dvc_remote_url(root: Path = Path(".")) -> str:
+    """The default DVC remote's location (absolute for a local folder), '' if none."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        name = repo.config["core"].get("remote")
+        if not name:
+            return ""
+        url = repo.config["remote"][name]["url"]
+    if "://" not in url:
+        url = str((Path(root) / ".dvc" / url).resolve()) if not Path(url).is_absolute() else url
+    return url
+
+
+def dvc_out_md5(stage: str, lock: Path = Path("dvc.lock")) -> str:
+    return yaml.safe_load(lock.read_text())["stages"][stage]["outs"][0]["md5"]
+
+
+def log_dataset(c: MlflowClient, run_id: str, table_path: Path, name: str, md5: str, remote: str,
+                context: str = "training") -> None:
+    """Record the curated table as an MLflow dataset whose source is its DVC remote object."""
+    import mlflow.data
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+
+    source = f"{remote.rstrip('/')}/files/md5/{md5[:2]}/{md5[2:]}" if remote else str(table_path.resolve())
+    ds = mlflow.data.from_pandas(pd.read_parquet(table_path), source=source, name=name, digest=md5[:16])
+    c.log_inputs(run_id, [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])

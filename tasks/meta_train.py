@@ -1,0 +1,99 @@
+"""Meta-training task: run `torchrun ... -m metaloop.train` as a subprocess.
+
+Its output streams into Prefect's log line by line, progress goes to a Prefect progress
+artifact, and rank 0's metrics.jsonl (already reduced over ranks) is logged to the meta
+run in MLflow with steps. A retry simply starts torchrun again: metaloop.train resumes
+from its last checkpoint. Exit status 2 means bad params or data: not retried.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow import MlflowClient
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.tasks import exponential_backoff
+
+from metaloop.config import Params
+from metaloop.errors import MetaloopError
+from metaloop.train import torchrun_command
+from tasks.tracking import log_metrics
+
+
+@dataclass
+class MetaResult:
+    model_dir: Path
+    summary: dict
+
+
+class MetaTrainingFailed(RuntimeError):
+    """torchrun exited non-zero for a reason a retry may fix (killed rank, OOM, preemption)."""
+
+
+def _not_user_error(task, task_run, state) -> bool:
+    """Retry crashes, never bad input: the same params would fail the same way."""
+    try:
+        state.result()
+    except MetaloopError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+def _log_new_metrics(c: MlflowClient, run_id: str, path: Path, seen: int) -> tuple[int, int | None]:
+    """Log metrics.jsonl lines after the first `seen`; return (lines seen, last step)."""
+    if not path.is_file():
+        return seen, None
+    lines = path.read_text().splitlines()
+    step = None
+    for line in lines[seen:]:
+        record = json.loads(line)
+        step = int(record.pop("step"))
+        numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if numeric:
+            log_metrics(c, run_id, numeric, step=step)
+    return len(lines), step
+
+
+@task(name="meta-train", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5),
+      retry_condition_fn=_not_user_error)
+def meta_train_task(params: Params, params_path: Path, c: MlflowClient, run_id: str) -> MetaResult:
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logger = get_run_logger()
+    out = Path(params.meta.output_dir)
+    metrics_file = out / "metrics.jsonl"
+    seen = len(metrics_file.read_text().splitlines()) if metrics_file.is_file() else 0
+    progress = create_progress_artifact(progress=0.0, key="meta-training", description="meta-training steps done (%)")
+    env = {**os.environ, "OMP_NUM_THREADS": str(params.meta.threads_per_rank)}
+    cmd = torchrun_command(params, params_path)
+    logger.info("launching: %s", " ".join(cmd))
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=5, samples_before_logging=1)
+    monitor.start()
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
+        tail: list[str] = []
+        for line in proc.stdout:
+            line = line.rstrip()
+            logger.info(line)
+            tail = (tail + [line])[-20:]
+            seen, step = _log_new_metrics(c, run_id, metrics_file, seen)
+            if step is not None:
+                update_progress_artifact(progress, min(100.0, 100.0 * step / params.meta.steps))
+        code = proc.wait()
+    finally:
+        monitor.finish()
+    _log_new_metrics(c, run_id, metrics_file, seen)
+    if code == 2:
+        raise MetaloopError(next((ln for ln in tail if "error:" in ln), "\n".join(tail)))
+    if code != 0:
+        raise MetaTrainingFailed(f"torchrun exited {code}; a retry resumes from the last checkpoint\n" + "\n".join(tail[-5:]))
+    update_progress_artifact(progress, 100.0)
+    summary = json.loads((out / "summary.json").read_text())
+    return MetaResult(model_dir=out / "model", summary=summary)
