@@ -55,7 +55,10 @@ def retrain(params_path: str = "params.yaml", force: bool = False) -> RetrainSum
     if not force and unchanged_task(params, fp):
         logger.info("nothing changed since the current champions (data, params, code); use --force to retrain")
         return RetrainSummary(status="nothing changed", fingerprint=fp)
-    push_task()
+    if tracking.dvc_remote_url():
+        push_task()
+    else:
+        logger.warning("no default DVC remote: curated data is versioned in dvc.lock but not pushed")
 
     c = tracking.client()
     runs = open_runs_task(params, data, fp, c)
@@ -95,7 +98,10 @@ def run(params_path: str = "params.yaml", force: bool = False) -> RetrainSummary
     """Run the flow with the task runner params ask for; return the summary even on failure."""
     params = load_params(params_path)
     state = retrain.with_options(task_runner=task_runner(params))(params_path, force, return_state=True)
-    return state.result(raise_on_failure=False) if not state.is_completed() else state.result()
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        raise result  # a failure before the domains ran (bad params or data, meta-training): no summary
+    return result
 
 
 def task_runner(params: Params):

@@ -4,6 +4,8 @@
     metaloop curate              sources -> data/curated/{curated,quarantine}.parquet + stats.json
     metaloop episodes            curated rows -> data/episodes/*.jsonl manifests
     metaloop corpus              what the packaged corpus holds
+    metaloop run [--force]       the main job: the retrain flow (Prefect) end to end
+    metaloop serve               serve the retrain flow on params' cron (+ a source watcher)
     metaloop promote [-d D]      challenger -> champion where the promotion policy allows
     metaloop rollback D          champion back to the version it replaced
     metaloop models [--json]     registered domains with champion / challenger versions
@@ -104,6 +106,46 @@ def corpus(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     for domain, labels in sorted(summary.items()):
         typer.echo(f"{domain:28s} {len(labels):2d} labels {sum(labels.values()):5d} utterances")
     typer.echo(f"{'total':28s} {sum(map(len, summary.values())):2d} labels {len(rows):5d} utterances")
+
+
+@app.command("run")
+@user_errors
+def run_flow(
+    params: ParamsOpt = Path("params.yaml"),
+    force: Annotated[bool, typer.Option("--force", help="Retrain even if nothing changed.")] = False,
+) -> None:
+    """Run the retrain flow (curate -> episodes -> meta-train -> adapt/compress -> promote)."""
+    import time
+
+    from flows.retrain import run
+
+    start = time.perf_counter()
+    summary = run(str(params), force)
+    typer.echo(f"\nretrain: {summary.status} in {time.perf_counter() - start:.0f} s")
+    if summary.domains:
+        typer.echo(f"{'domain':24s} {'version':>7s} {'champion':>8s} {'accuracy':>8s} {'size MB':>8s}  decision")
+        for d in summary.domains:
+            if d.error:
+                typer.echo(f"{d.domain:24s} failed: {d.error}")
+                continue
+            typer.echo(f"{d.domain:24s} {d.version or '-':>7s} {d.champion or '-':>8s} {d.metrics.get('accuracy', float('nan')):8.1f} "
+                       f"{d.metrics.get('size_mb', float('nan')):8.1f}  {'promoted' if d.promoted else 'kept champion'}")
+    typer.echo(
+        "\nDashboards:\n"
+        "  MLflow:  mlflow ui --backend-store-uri sqlite:///mlflow.db   (then http://127.0.0.1:5000)\n"
+        "  Prefect: prefect server start                               (then http://127.0.0.1:4200)"
+    )
+    if summary.status.startswith("failed"):
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def serve(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Serve the retrain flow on params.flow.cron, plus a watcher that retrains when sources change."""
+    from flows.schedule import serve as run
+
+    run(str(params))
 
 
 @app.command()

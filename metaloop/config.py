@@ -207,6 +207,9 @@ class Meta(Strict):
         1.0, description="Clip the all-reduced meta-gradient to this norm (null: no clipping)."
     )
     keep_checkpoints: PositiveInt = Field(2, description="Periodic checkpoints kept on disk (the best one is kept too).")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute layer activations in the backward pass: less memory, ~1/3 more compute."
+    )
 
 
 class Registry(Strict):
@@ -216,6 +219,7 @@ class Registry(Strict):
 
     prefix: str = Field("metaloop", description="Registered models: <prefix>-<domain> and <prefix>-meta.")
     experiment: str = "metaloop"
+    recipe: str = Field("fp32", description="Which compression recipe's model is registered (fp32 = none).")
 
 
 class Promotion(Strict):
@@ -250,6 +254,12 @@ class FlowSettings(Strict):
     watch_every_minutes: PositiveInt = Field(15, description="`metaloop serve --watch`: how often to check the sources.")
 
 
+# Adaptation and compression settings live beside their code; imported here (after
+# `Strict` exists) so that params.yaml is still validated as one tree.
+from metaloop.adapt import AdaptParams  # noqa: E402
+from metaloop.compress import CompressParams  # noqa: E402
+
+
 class Params(Strict):
     seed: int = 13
     sources: list[Source] = Field(default_factory=lambda: [PackagedSource(kind="packaged")], min_length=1)
@@ -258,9 +268,20 @@ class Params(Strict):
     episodes: Episodes = Episodes()
     backbone: Backbone = Backbone()
     meta: Meta = Meta()
+    adapt: AdaptParams = AdaptParams()
+    compress: CompressParams = CompressParams()
     registry: Registry = Registry()
     promotion: Promotion = Promotion()
     flow: FlowSettings = FlowSettings()
+
+    @model_validator(mode="after")
+    def _recipe_exists(self) -> "Params":
+        if self.registry.recipe != "fp32" and self.registry.recipe not in self.compress.recipes:
+            raise ValueError(
+                f"registry.recipe {self.registry.recipe!r} is not a compress.recipes name; "
+                f"allowed: fp32, {', '.join(self.compress.recipes)}"
+            )
+        return self
 
 
 # ---------------------------------------------------------------- loading

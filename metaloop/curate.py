@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from metaloop.config import Domains, Params
 from metaloop.errors import ConfigError, DataError
-from metaloop.sources import RawRow, read_source
+from metaloop.sources import RawRow, read_source, source_fingerprint
 
 CURATED, QUARANTINE, STATS = "curated.parquet", "quarantine.parquet", "stats.json"
 SPLIT_ALIASES = {
@@ -291,6 +291,7 @@ def curate(params: Params, out_dir: Path | None = None) -> dict:
         raw.extend(read_source(src, i))
     kept, quarantined, stats = clean(raw, CurationRules.from_params(params))
     check_roles(stats, params)
+    stats["source_fingerprint"] = source_fingerprint(params.sources)
     out_dir = Path(out_dir or params.curation.output_dir)
     write_atomically(out_dir, {
         CURATED: lambda p: pq.write_table(pa.Table.from_pylist(kept, _CURATED_SCHEMA), p),

@@ -1,8 +1,8 @@
-"""Load a saved domain classifier from disk and predict (label, score) for texts.
+"""Predict (label, score) with any saved domain classifier, from disk alone.
 
-A classifier folder is what adaptation and compression write: a Hugging Face
-`AutoModelForSequenceClassification` (safetensors, label names in its config) with its
-tokenizer. Nothing is unpickled.
+A classifier folder is what adaptation or compression writes (fp32 safetensors, pruned or
+distilled safetensors, int8 torch or ONNX; see `metaloop.compress.runtime`), with its
+tokenizer and label names. Nothing is unpickled. The MLflow pyfunc wraps this.
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import torch
+import numpy as np
+
+from metaloop.compress.runtime import Classifier
+from metaloop.compress.runtime import load_classifier as load_any
 
 
 @dataclass
@@ -21,26 +24,19 @@ class Prediction:
 
 
 class TextClassifier:
-    def __init__(self, folder: str | Path, max_length: int = 128, batch_size: int = 32):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    def __init__(self, classifier: Classifier, batch_size: int = 32):
+        self.classifier, self.batch_size = classifier, batch_size
+        self.labels = classifier.labels
 
-        self.folder = Path(folder)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
-        self.model = AutoModelForSequenceClassification.from_pretrained(self.folder, use_safetensors=True).eval()
-        self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
-        self.max_length, self.batch_size = max_length, batch_size
-
-    @torch.inference_mode()
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
         out: list[Prediction] = []
         for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(list(texts[start : start + self.batch_size]), padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt")
-            probs = self.model(**batch).logits.float().softmax(-1)
-            score, idx = probs.max(-1)
-            out += [Prediction(self.labels[i], float(s)) for i, s in zip(idx.tolist(), score.tolist())]
+            logits = self.classifier.logits(self.classifier.encode(list(texts[start : start + self.batch_size])))
+            z = np.exp(logits - logits.max(-1, keepdims=True))
+            probs = z / z.sum(-1, keepdims=True)
+            out += [Prediction(self.labels[i], float(p[i])) for i, p in zip(probs.argmax(-1), probs)]
         return out
 
 
 def load_classifier(folder: str | Path) -> TextClassifier:
-    return TextClassifier(folder)
+    return TextClassifier(load_any(Path(folder)))

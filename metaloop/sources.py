@@ -253,3 +253,42 @@ def _map_columns(records: list[tuple[int, dict]], src: Source, name: str, file: 
             source=name,
             row=n,
         )
+
+
+def source_fingerprint(sources: list[Source]) -> str:
+    """A cheap hash of what the sources currently hold, without parsing them.
+
+    Files and packaged corpus: content digests; S3: the objects' ETags; Hugging Face
+    folders: their files' digests (a hub id is fingerprinted by name only). The watch flow
+    compares it with the fingerprint curation recorded to decide whether to retrain.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for i, src in enumerate(sources):
+        h.update(f"{i}:{src.model_dump_json()}".encode())
+        match src:
+            case PackagedSource():
+                folder = resources.files("metaloop") / "corpus"
+                for f in sorted(folder.iterdir(), key=lambda f: f.name):
+                    if f.name.endswith(".jsonl"):
+                        h.update(hashlib.sha256(f.read_bytes()).digest())
+            case FileSource():
+                h.update(hashlib.sha256(src.path.read_bytes()).digest() if src.path.is_file() else b"missing")
+            case HuggingFaceSource():
+                folder = Path(src.path)
+                for f in sorted(folder.rglob("*")) if folder.is_dir() else []:
+                    if f.is_file():
+                        h.update(f.relative_to(folder).as_posix().encode() + hashlib.sha256(f.read_bytes()).digest())
+            case S3Source():
+                import os
+
+                import boto3
+
+                bucket, key = src.uri[5:].split("/", 1)
+                client = boto3.client("s3", endpoint_url=src.endpoint_url or os.environ.get("AWS_ENDPOINT_URL"))
+                try:
+                    h.update(client.head_object(Bucket=bucket, Key=key)["ETag"].encode())
+                except Exception:
+                    h.update(b"unreadable")
+    return h.hexdigest()[:16]

@@ -1,0 +1,106 @@
+"""Per-domain task: adapt from the meta-learned init, compress, evaluate, log to MLflow.
+
+One MLflow child run per domain holds the metrics of every stage (before adaptation,
+adapted fp32, each compression recipe). The flow fans this task out over target domains;
+a domain's failure is its own (the flow records it and carries on with the others).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from mlflow import MlflowClient
+from prefect import get_run_logger, task
+
+from metaloop.adapt import Examples, accuracy, adapt_domain, eval_labels_by_domain, load_for_classification, prototype_init
+from metaloop.compress import compress
+from metaloop.config import Params
+from metaloop.curate import CURATED
+from metaloop.episode_sets import EVAL
+from metaloop.episodes import Pool, read_manifest
+from metaloop.evaluate import evaluate
+from tasks import tracking
+
+
+@dataclass
+class DomainOutcome:
+    domain: str
+    error: str | None = None
+    run_id: str | None = None
+    classifier_dir: str | None = None
+    recipe: str = "fp32"
+    metrics: dict[str, float] = field(default_factory=dict)
+    version: str | None = None
+    champion: str | None = None
+    promoted: bool = False
+    reasons: list[str] = field(default_factory=list)
+
+
+def _split(table: pd.DataFrame, domain: str, split: str) -> Examples:
+    rows = table[(table["domain"] == domain) & (table["split"] == split)]
+    return Examples(rows["text"].tolist(), rows["label"].tolist())
+
+
+def accuracy_before(init: Path, train: Examples, test: Examples, labels: list[str], max_length: int) -> float:
+    """The init with a nearest-centroid head and no training: what adaptation starts from."""
+    model, tokenizer = load_for_classification(init, labels)
+    prototype_init(model, tokenizer, train, labels, max_length)
+    return 100.0 * accuracy(model, tokenizer, test, labels, max_length)[0]
+
+
+@task(name="adapt-compress-evaluate", task_run_name="adapt-{domain}")
+def domain_task(domain: str, params: Params, init: Path, data, c: MlflowClient, parent: str) -> DomainOutcome:
+    logger = get_run_logger()
+    exp = tracking.experiment_id(c, params.registry.experiment)
+    run = tracking.start_run(c, exp, f"domain {domain}", parent=parent, tags={"metaloop.domain": domain})
+    try:
+        return _adapt_compress_evaluate(domain, params, Path(init), data, c, run, logger)
+    except Exception:
+        c.set_terminated(run, "FAILED")
+        raise
+
+
+def _adapt_compress_evaluate(domain, params: Params, init: Path, data, c, run, logger) -> DomainOutcome:
+    table = pd.read_parquet(Path(params.curation.output_dir) / CURATED)
+    pool = Pool(table)
+    episodes = [e for e in read_manifest(Path(params.episodes.output_dir) / EVAL) if e.domain == domain]
+    labels = eval_labels_by_domain(episodes)[domain]
+    max_length, seed = params.backbone.max_length, params.seed
+    train, test = _split(table, domain, "train"), _split(table, domain, "test")
+    eval_hash = data.eval_hash_by_domain[domain]
+
+    before = accuracy_before(init, train, test, labels, max_length)
+    out = Path(params.adapt.output_dir) / domain
+    adapted = adapt_domain(init, table, domain, params.adapt, out / "fp32", eval_labels=labels,
+                           max_length=max_length, seed=seed)
+    tracking.log_metrics(c, run, {"accuracy_before": before, **adapted.metrics()})
+
+    def score(model_dir: Path, recipe: str) -> dict[str, float]:
+        result = evaluate(model_dir, domain=domain, recipe=recipe, test=test, episodes=episodes,
+                          texts_of=pool.texts, eval_hash=eval_hash, seq_len=max_length)
+        c.log_dict(run, result.to_dict(), f"eval/{recipe}.json")
+        return result.metrics()
+
+    fp32 = score(out / "fp32", "fp32")
+    tracking.log_metrics(c, run, {f"fp32.{k}": v for k, v in fp32.items()})
+    logger.info("%s: accuracy %.1f before adaptation, %.1f after", domain, before, fp32.get("accuracy", float("nan")))
+
+    chosen, chosen_dir, chosen_metrics = "fp32", out / "fp32", fp32
+    for recipe in params.compress.recipes:
+        result = compress(out / "fp32", out / recipe, recipe, params.compress, train=train,
+                          max_length=max_length, seed=seed)
+        metrics = {**score(out / recipe, recipe), **result.metrics()}
+        tracking.log_metrics(c, run, {f"{recipe}.{k}": v for k, v in metrics.items()})
+        logger.info("%s/%s: accuracy %.1f, %.1f MB, p50 %.1f ms", domain, recipe, metrics.get("accuracy", float("nan")),
+                    metrics["size_mb"], metrics["p50_ms_batch1"])
+        if recipe == params.registry.recipe:
+            chosen, chosen_dir, chosen_metrics = recipe, out / recipe, metrics
+
+    summary = {**chosen_metrics, "accuracy_before": before, "accuracy_adapted": fp32.get("accuracy", float("nan"))}
+    tracking.log_metrics(c, run, {k: v for k, v in summary.items() if k in ("accuracy", "size_mb", "p50_ms_batch1")})
+    c.set_tag(run, "metaloop.recipe", chosen)
+    c.log_text(run, json.dumps(summary, indent=2), "summary.json")
+    return DomainOutcome(domain=domain, run_id=run, classifier_dir=str(chosen_dir), recipe=chosen, metrics=summary)
