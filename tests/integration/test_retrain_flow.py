@@ -1,0 +1,190 @@
+"""The retrain flow end to end: real Prefect (ephemeral API), real MLflow (SQLite), real DVC
+(local remote), real torchrun (2 processes), a tiny random backbone, a slice of the corpus.
+
+One project folder goes through the scenarios in order: first run trains and promotes;
+the second skips; a run with changed data (and one broken domain) follows the policy and
+fails naming that domain while the others are registered; a killed rank is retried and
+meta-training resumes; the served deployment carries the configured cron.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from conftest import BIN, ROOT
+
+pytestmark = pytest.mark.slow
+TARGET = "hospitality"
+
+
+def params_edit(project: Path, **sections) -> None:
+    p = yaml.safe_load((project / "params.yaml").read_text())
+    for key, value in sections.items():
+        p[key] = {**p[key], **value} if isinstance(value, dict) and isinstance(p.get(key), dict) else value
+    (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("flow") / "proj"
+    root.mkdir()
+    for name in ("metaloop", "tasks", "flows"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, root / name)
+    (root / "data" / "raw").mkdir(parents=True)
+    (root / "data" / "raw" / "README.md").write_text("raw\n")
+    env = {**os.environ}
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@e.x"], ["git", "config", "user.name", "t"],
+                [str(BIN / "dvc"), "init", "-q"], [str(BIN / "dvc"), "remote", "add", "-d", "local", str(root.parent / "remote")]):
+        subprocess.run(cmd, cwd=root, check=True, env=env)
+    from metaloop.backbone import tiny_bert
+
+    tiny_bert(root / "tiny")
+    params_edit(
+        root,
+        sources=[{"kind": "packaged", "per_label": 16, "domains": [
+            "hr_requests", "it_helpdesk", "education", "real_estate", "fitness_gym", TARGET, "veterinary_clinic"]}],
+        domains={"meta_train": ["hr_requests", "it_helpdesk", "education", "real_estate"],
+                 "meta_val": ["fitness_gym"], "target": [TARGET]},
+        episodes={"ways": 3, "shots": 2, "queries": 2, "meta_train_episodes": 40, "meta_val_episodes": 4,
+                  "eval_shots": [1, 2], "eval_draws": 2},
+        backbone={"name_or_path": "tiny", "pooling": "mean", "max_length": 32},
+        meta={"algorithm": "protonet", "steps": 4, "checkpoint_every": 2, "val_every": 2, "val_episodes": 2,
+              "nproc": 2, "meta_batch_size": 2},
+        adapt={"epochs": 1},
+        compress={"recipes": {"int8": ["int8"]}},
+    )
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "commit", "-qm", "init"], cwd=root, check=True)
+    return root
+
+
+def env_for(project: Path) -> dict:
+    return {**os.environ, "PREFECT_HOME": str(project.parent / "prefect-home"),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
+
+
+def metaloop_run(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "metaloop"), "run", *args], cwd=project, env=env_for(project),
+                          capture_output=True, text=True, timeout=600)
+
+
+def client(project: Path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def alias(c, name: str, which: str) -> str | None:
+    try:
+        return str(c.get_model_version_by_alias(name, which).version)
+    except Exception:
+        return None
+
+
+def test_1_first_run_trains_registers_and_promotes(project):
+    proc = metaloop_run(project)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "retrain: trained" in proc.stdout and "mlflow ui" in proc.stdout
+    c = client(project)
+    assert alias(c, f"metaloop-{TARGET}", "champion") == "1"
+    assert alias(c, "metaloop-meta", "champion") == "1"
+    tags = c.get_model_version(f"metaloop-{TARGET}", "1").tags
+    for key in ("data_hash", "git_commit", "params_hash", "code_version", "eval_hash", "recipe", "parent_run_id",
+                "metrics", "decision", "reasons"):
+        assert tags.get(f"metaloop.{key}"), key
+    manifest = json.loads((project / "data" / "episodes" / "manifest.json").read_text())
+    assert tags["metaloop.eval_hash"] == manifest["eval_hash_by_domain"][TARGET]
+    assert json.loads(tags["metaloop.metrics"])["accuracy"] >= 0
+    parent = c.get_run(tags["metaloop.parent_run_id"])
+    assert parent.data.params["episodes.shots"] == "2"  # the whole params.yaml, flattened
+    children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {r.info.run_name for r in children} >= {"curate", "meta-train", f"domain {TARGET}"}
+    meta_run = next(r for r in children if r.info.run_name == "meta-train")
+    assert any(k.startswith("system/") for k in meta_run.data.metrics)  # system metrics on
+    assert c.get_metric_history(meta_run.info.run_id, "train_loss")  # curves with steps
+
+
+def test_2_second_run_skips(project):
+    proc = metaloop_run(project)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "nothing changed" in proc.stdout
+    assert alias(client(project), f"metaloop-{TARGET}", "champion") == "1"
+    assert len(client(project).search_model_versions(f"name = 'metaloop-{TARGET}'")) == 1
+
+
+def test_3_changed_data_follows_policy_and_one_broken_domain_does_not_sink_the_others(project):
+    rows = ["text,label,domain,split"]
+    for label in ("alpha", "beta"):
+        rows += [f"{label} request number {i} for the broken desk,{label},broken_desk,{'test' if i > 2 else 'train'}"
+                 for i in range(5)]
+    (project / "data" / "raw" / "broken.csv").write_text("\n".join(rows) + "\n")
+    p = yaml.safe_load((project / "params.yaml").read_text())
+    params_edit(project,
+                sources=p["sources"] + [{"kind": "file", "path": "data/raw/broken.csv"}],
+                domains={**p["domains"], "target": [TARGET, "veterinary_clinic", "broken_desk"]},
+                adapt={"epochs": 1, "shots": 4})  # broken_desk has only 3 train rows a label
+    proc = metaloop_run(project)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "broken_desk" in proc.stdout and "failed" in proc.stdout
+    c = client(project)
+    assert alias(c, "metaloop-veterinary_clinic", "champion") == "1"  # the healthy new domain is promoted
+    v2 = c.get_model_version(f"metaloop-{TARGET}", "2")
+    decision = v2.tags["metaloop.decision"]
+    assert alias(c, f"metaloop-{TARGET}", "champion") == ("2" if decision == "promote" else "1")
+    assert v2.tags["metaloop.data_hash"] != c.get_model_version(f"metaloop-{TARGET}", "1").tags["metaloop.data_hash"]
+    assert not c.search_registered_models("name = 'metaloop-broken_desk'")
+
+
+def test_4_killed_rank_is_retried_and_resumes(project):
+    p = yaml.safe_load((project / "params.yaml").read_text())
+    params_edit(project,
+                sources=p["sources"][:1], domains={**p["domains"], "target": [TARGET]},
+                meta={**p["meta"], "steps": 400, "checkpoint_every": 10, "val_every": 200, "max_restarts": 0})
+    proc = subprocess.Popen([str(BIN / "metaloop"), "run", "--force"], cwd=project, env=env_for(project),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    latest = project / "artifacts" / "meta" / "checkpoints" / "latest.json"
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and json.loads(latest.read_text())["step"] >= 10:
+            for q in psutil.process_iter(["cmdline", "cwd"]):
+                cmd = " ".join(q.info["cmdline"] or [])
+                if "metaloop.train" in cmd and "torch.distributed.run" not in cmd and q.info["cwd"] == str(project):
+                    q.kill()
+                    killed = q.pid
+                    break
+        time.sleep(0.2)
+    out, _ = proc.communicate(timeout=600)
+    assert killed, "no rank was found to kill\n" + out[-3000:]
+    assert proc.returncode == 0, out[-4000:]
+    assert "Retrying" in out or "retry" in out.lower()
+    summary = json.loads((project / "artifacts" / "meta" / "summary.json").read_text())
+    assert summary["resumed_from"] and summary["resumed_from"] >= 10 and summary["step"] == 400
+
+
+def test_5_served_deployments_carry_the_cron(project):
+    sys.path.insert(0, str(project))
+    from flows.schedule import deployments
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    nightly, watch = deployments(str(project / "params.yaml"))
+    assert nightly.schedules[0].schedule.cron == params.get("flow", {}).get("cron", "0 2 * * *")
+    assert watch.schedules[0].schedule.interval.total_seconds() == 15 * 60
+    shipped = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    shipped_cron = {d["name"]: d["schedules"][0].get("cron") for d in shipped["deployments"]}
+    from metaloop.config import load_params
+
+    assert shipped_cron["nightly"] == load_params(ROOT / "params.yaml").flow.cron
