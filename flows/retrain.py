@@ -62,27 +62,40 @@ def retrain(params_path: str = "params.yaml", force: bool = False) -> RetrainSum
 
     c = tracking.client()
     runs = open_runs_task(params, data, fp, c)
-    meta = meta_train_task(params, Path(params_path), c, runs["meta"])
-    meta_registered = register_meta_task(params, data, fp, c, runs, meta)
+    try:
+        meta = meta_train_task(params, Path(params_path), c, runs["meta"])
+        meta_registered = register_meta_task(params, data, fp, c, runs, meta)
 
-    futures = [
-        domain_task.submit(domain, params, meta.model_dir, data, c, runs["parent"])
-        for domain in sorted(params.domains.target)
-    ]
-    outcomes = [domain_task_result(f, d) for f, d in zip(futures, sorted(params.domains.target))]
-    # Registry writes run one at a time: they are cheap, and SQLite stores dislike concurrency.
-    outcomes = [register_and_promote_task(o, params, data, fp, c, runs, meta) for o in outcomes]
+        futures = [
+            domain_task.submit(domain, params, meta.model_dir, data, c, runs["parent"])
+            for domain in sorted(params.domains.target)
+        ]
+        outcomes = [domain_task_result(f, d) for f, d in zip(futures, sorted(params.domains.target))]
+        # Registry writes run one at a time: they are cheap, and SQLite stores dislike concurrency.
+        outcomes = [register_and_promote_task(o, params, data, fp, c, runs, meta) for o in outcomes]
 
-    failed = [o.domain for o in outcomes if o.error]
-    summary = RetrainSummary(
-        status=f"failed: {', '.join(failed)}" if failed else "trained",
-        fingerprint=fp, parent_run_id=runs["parent"], meta={**meta.summary, **meta_registered}, domains=outcomes,
-    )
-    publish_report_task(summary, c)
+        failed = [o.domain for o in outcomes if o.error]
+        summary = RetrainSummary(
+            status=f"failed: {', '.join(failed)}" if failed else "trained",
+            fingerprint=fp, parent_run_id=runs["parent"], meta={**meta.summary, **meta_registered}, domains=outcomes,
+        )
+        publish_report_task(summary, c)
+    except BaseException:
+        _close_runs(c, runs)  # MLflow shows FAILED runs, not runs RUNNING forever
+        raise
     if failed:
         errors = "; ".join(f"{o.domain}: {o.error}" for o in outcomes if o.error)
         return Failed(message=f"domain(s) {', '.join(failed)} failed ({errors}); the others were registered", data=summary)
     return summary
+
+
+def _close_runs(c, runs: dict) -> None:
+    for key in ("meta", "parent"):
+        try:
+            if c.get_run(runs[key]).info.status == "RUNNING":
+                c.set_terminated(runs[key], "FAILED")
+        except Exception:  # best effort: the tracking server itself may be what failed
+            pass
 
 
 def domain_task_result(future, domain: str) -> DomainOutcome:

@@ -101,7 +101,7 @@ def register_meta_task(params: Params, data: DataVersion, fp: dict, c: MlflowCli
     """The meta-learned init becomes `<prefix>-meta`; champion if its meta-val accuracy wins."""
     s = meta.summary
     metrics = {"accuracy": 100 * s["best_val_acc"]} if s.get("best_val_acc") is not None else {}
-    c.log_artifacts(runs["meta"], str(meta.model_dir), "meta_model")
+    registry.upload_artifacts(c, runs["meta"], str(meta.model_dir), "meta_model")
     manifest = json.loads((Path(params.episodes.output_dir) / MANIFEST).read_text())
     name = registry.model_name(params.registry.prefix, "meta")
     version = registry.register_version(

@@ -26,6 +26,22 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
+class ArtifactUploadFailed(OSError):
+    """The artifact store behind MLflow (S3) refused or dropped an upload; nothing was registered."""
+
+
+def upload_artifacts(c: MlflowClient, run_id: str, local_dir: str, artifact_path: str) -> None:
+    """`log_artifacts`, with a message that says what failed and what state the registry is in."""
+    try:
+        c.log_artifacts(run_id, local_dir, artifact_path)
+    except Exception as err:
+        raise ArtifactUploadFailed(
+            f"could not upload {artifact_path!r} of MLflow run {run_id} to the artifact store behind "
+            f"{c.tracking_uri} (for a server: its --artifacts-destination, e.g. S3); no model version was "
+            f"created and no alias moved, rerun when the store is back. Cause: {type(err).__name__}: {err}"
+        ) from err
+
+
 def model_name(prefix: str, domain: str) -> str:
     return f"{prefix}-{domain}"
 
@@ -44,7 +60,7 @@ def log_classifier(c: MlflowClient, run_id: str, classifier_dir: Path, artifact_
             path=str(local), python_model=str(PYFUNC_CODE), artifacts={"classifier": str(classifier_dir)},
             signature=signature, pip_requirements=["metaloop", "torch", "transformers", "safetensors", "pandas"],
         )
-        c.log_artifacts(run_id, str(local), artifact_path)
+        upload_artifacts(c, run_id, str(local), artifact_path)
     return f"runs:/{run_id}/{artifact_path}"
 
 

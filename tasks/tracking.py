@@ -64,6 +64,9 @@ def params_hash(params: Params) -> str:
 
 
 def git_commit(root: Path = Path(".")) -> str:
+    """HEAD (+ "-dirty"); in an image without .git, METALOOP_GIT_COMMIT (set at build time)."""
+    if os.environ.get("METALOOP_GIT_COMMIT"):
+        return os.environ["METALOOP_GIT_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
