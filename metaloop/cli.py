@@ -4,6 +4,7 @@
     metaloop curate              sources -> data/curated/{curated,quarantine}.parquet + stats.json
     metaloop episodes            curated rows -> data/episodes/*.jsonl manifests
     metaloop corpus              what the packaged corpus holds
+    metaloop train [--fresh]     meta-train under torchrun (params.meta: nproc, nnodes, rendezvous)
     metaloop run [--force]       the main job: the retrain flow (Prefect) end to end
     metaloop serve               serve the retrain flow on params' cron (+ a source watcher)
     metaloop promote [-d D]      challenger -> champion where the promotion policy allows
@@ -86,6 +87,22 @@ def episodes(
     manifest = build_episodes(load_params(params), out_dir=out)
     counts = ", ".join(f"{n} {k}" for k, n in manifest["counts"].items())
     typer.echo(f"episodes: {counts}; eval hash {manifest['eval_hash'][:12]}")
+
+
+@app.command()
+@user_errors
+def train(
+    params: ParamsOpt = Path("params.yaml"),
+    fresh: Annotated[bool, typer.Option("--fresh", help="Discard checkpoints instead of resuming.")] = False,
+) -> None:
+    """Meta-train under torchrun as params.meta describes; resumes from the last checkpoint."""
+    from metaloop.config import load_params
+    from metaloop.train import launch, preflight
+
+    preflight(load_params(params))
+    code = launch(params, *(["--fresh"] if fresh else []))
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

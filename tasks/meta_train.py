@@ -3,7 +3,8 @@
 Its output streams into Prefect's log line by line, progress goes to a Prefect progress
 artifact, and rank 0's metrics.jsonl (already reduced over ranks) is logged to the meta
 run in MLflow with steps. A retry simply starts torchrun again: metaloop.train resumes
-from its last checkpoint. Exit status 2 means bad params or data: not retried.
+from its last checkpoint. Bad params or data are caught by `preflight` before launching
+(torchrun's exit status cannot tell them from a crash) and are not retried.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from prefect.tasks import exponential_backoff
 
 from metaloop.config import Params
 from metaloop.errors import MetaloopError
-from metaloop.train import torchrun_command
+from metaloop.train import preflight, torchrun_command
 from tasks.tracking import log_metrics
 
 
@@ -46,19 +47,30 @@ def _not_user_error(task, task_run, state) -> bool:
     return True
 
 
-def _log_new_metrics(c: MlflowClient, run_id: str, path: Path, seen: int) -> tuple[int, int | None]:
-    """Log metrics.jsonl lines after the first `seen`; return (lines seen, last step)."""
+def _logged_until(c: MlflowClient, run_id: str) -> int:
+    """The last step already in MLflow (an earlier attempt of this task may have logged some)."""
+    history = c.get_metric_history(run_id, "train_loss")
+    return max((m.step for m in history), default=0)
+
+
+def _log_new_metrics(c: MlflowClient, run_id: str, path: Path, last: int) -> int:
+    """Log metrics.jsonl records with a step after `last`; return the last step logged.
+
+    Steps, not line counts: a resumed run cuts metrics.jsonl back to its checkpoint and
+    replays the same steps exactly, so what MLflow already has is skipped.
+    """
     if not path.is_file():
-        return seen, None
-    lines = path.read_text().splitlines()
-    step = None
-    for line in lines[seen:]:
+        return last
+    for line in path.read_text().splitlines():
         record = json.loads(line)
         step = int(record.pop("step"))
+        if step <= last:
+            continue
         numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if numeric:
             log_metrics(c, run_id, numeric, step=step)
-    return len(lines), step
+        last = step
+    return last
 
 
 @task(name="meta-train", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5),
@@ -67,9 +79,10 @@ def meta_train_task(params: Params, params_path: Path, c: MlflowClient, run_id: 
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     logger = get_run_logger()
+    preflight(params)  # bad params or data fail here, with the message; torchrun's exit code can't tell
     out = Path(params.meta.output_dir)
     metrics_file = out / "metrics.jsonl"
-    seen = len(metrics_file.read_text().splitlines()) if metrics_file.is_file() else 0
+    last = _logged_until(c, run_id)
     progress = create_progress_artifact(progress=0.0, key="meta-training", description="meta-training steps done (%)")
     env = {**os.environ, "OMP_NUM_THREADS": str(params.meta.threads_per_rank)}
     cmd = torchrun_command(params, params_path)
@@ -83,15 +96,14 @@ def meta_train_task(params: Params, params_path: Path, c: MlflowClient, run_id: 
             line = line.rstrip()
             logger.info(line)
             tail = (tail + [line])[-20:]
-            seen, step = _log_new_metrics(c, run_id, metrics_file, seen)
-            if step is not None:
+            step = _log_new_metrics(c, run_id, metrics_file, last)
+            if step != last:
+                last = step
                 update_progress_artifact(progress, min(100.0, 100.0 * step / params.meta.steps))
         code = proc.wait()
     finally:
         monitor.finish()
-    _log_new_metrics(c, run_id, metrics_file, seen)
-    if code == 2:
-        raise MetaloopError(next((ln for ln in tail if "error:" in ln), "\n".join(tail)))
+    _log_new_metrics(c, run_id, metrics_file, last)
     if code != 0:
         raise MetaTrainingFailed(f"torchrun exited {code}; a retry resumes from the last checkpoint\n" + "\n".join(tail[-5:]))
     update_progress_artifact(progress, 100.0)

@@ -1,0 +1,273 @@
+"""Six meta-learning algorithms behind one interface.
+
+Every learner is an `nn.Module` holding the encoder (and, for Meta-SGD, the learned inner
+learning rates) as ordinary parameters, and offers:
+
+    outcome = learner.outer_backward(batch, weight)  # accumulate weight * meta-gradient in .grad
+    outcome = learner.evaluate(batch)                # adapt, then score the query set (no meta-graph)
+    adapted = learner.adapt(batch)                   # fast weights for one episode
+
+| algorithm | inner loop                              | meta-gradient                                  |
+|-----------|-----------------------------------------|------------------------------------------------|
+| maml      | `inner_steps` SGD steps on the support  | through the inner loop (second order)          |
+| fomaml    | same                                    | query gradient at the adapted weights          |
+| metasgd   | same, per-parameter learned step sizes  | as maml (or fomaml with first_order), LRs too  |
+| anil      | same, head only (features computed once)| as maml, through the head-only inner loop      |
+| reptile   | same, detached                          | theta - adapted weights                        |
+| protonet  | none                                    | query loss of the prototype classifier         |
+
+`meta.first_order: true` turns maml into fomaml and makes metasgd/anil first order.
+`meta.adapt` picks the adapted encoder parameters (see `encoder.adapt_names`); ANIL always
+adapts the head only; ProtoNet has no inner loop and ignores it. The head of every
+algorithm is the prototype-initialised linear head (see `metaloop.meta.head`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metaloop.errors import ConfigError
+from metaloop.meta.data import EpisodeBatch
+from metaloop.meta.encoder import Encoder, adapt_names, add_lora
+from metaloop.meta.head import proto_logits, prototypes
+from metaloop.meta.inner import HEAD_KEYS, Adapted, inner_loop, query_logits
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    algorithm: str = "maml"
+    adapt: str = "all"
+    top_k: int = 2
+    inner_steps: int = 5
+    inner_lr: float = 0.01
+    first_order: bool = False
+    pooling: str = "mean"
+    lora_rank: int = 8
+    lora_targets: tuple[str, ...] | None = None
+    checkpointing: bool = False  # activation checkpointing, layer by layer
+
+    @classmethod
+    def from_params(cls, meta, backbone) -> LearnerConfig:
+        targets = meta.lora_targets
+        return cls(
+            algorithm=meta.algorithm, adapt=meta.adapt, top_k=meta.top_k, inner_steps=meta.inner_steps,
+            inner_lr=meta.inner_lr, first_order=meta.first_order, pooling=backbone.pooling,
+            lora_rank=meta.lora_rank, lora_targets=tuple(targets) if targets else None,
+            checkpointing=meta.activation_checkpointing,
+        )
+
+
+@dataclass
+class Outcome:
+    loss: torch.Tensor | float  # query loss after adaptation
+    acc: float
+
+
+def _score(logits: torch.Tensor, y: torch.Tensor) -> Outcome:
+    return Outcome(F.cross_entropy(logits, y), float((logits.argmax(-1) == y).float().mean()))
+
+
+class MetaLearner(nn.Module):
+    """Base: MAML-style learners (maml, fomaml, metasgd, anil) share all of this."""
+
+    name = "maml"
+    scope_override: str | None = None
+
+    def __init__(self, encoder: Encoder, cfg: LearnerConfig):
+        super().__init__()
+        self.encoder = encoder
+        self.cfg = cfg
+        self.scope = self.scope_override or cfg.adapt
+        self.adapt_names = adapt_names(encoder, self.scope, cfg.top_k)
+        # Memory saving: second-order inner loops recompute whole steps after the first
+        # (their graphs are what fills memory); other learners recompute layer activations.
+        self.checkpoint_steps = cfg.checkpointing and self.second_order and bool(self.adapt_names)
+        encoder.checkpointing = cfg.checkpointing and not self.checkpoint_steps
+
+    # ---- pieces
+    @property
+    def second_order(self) -> bool:
+        return not self.cfg.first_order
+
+    def inner_lr(self, key: str) -> float | torch.Tensor:
+        return self.cfg.inner_lr
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def adapt(self, batch: EpisodeBatch, *, create_graph: bool = False, detach_meta: bool = True,
+              steps: int | None = None) -> Adapted:
+        return inner_loop(
+            self.encoder, batch.support, batch.support_y, batch.ways, self.adapt_names,
+            steps=self.cfg.inner_steps if steps is None else steps, lr=self.inner_lr,
+            create_graph=create_graph, detach_meta=detach_meta, checkpoint_steps=self.checkpoint_steps,
+        )
+
+    # ---- the interface
+    def meta_loss(self, batch: EpisodeBatch) -> Outcome:
+        """Query loss after adaptation, differentiable w.r.t. the meta-parameters."""
+        adapted = self.adapt(batch, create_graph=self.second_order, detach_meta=False)
+        return _score(query_logits(self.encoder, batch.query, adapted), batch.query_y)
+
+    def outer_backward(self, batch: EpisodeBatch, weight: float = 1.0) -> Outcome:
+        out = self.meta_loss(batch)
+        if out.loss.requires_grad:
+            (out.loss * weight).backward()
+        return Outcome(float(out.loss.detach()), out.acc)
+
+    def evaluate(self, batch: EpisodeBatch) -> Outcome:
+        adapted = self.adapt(batch, create_graph=False, detach_meta=True)
+        with torch.no_grad():
+            out = _score(query_logits(self.encoder, batch.query, adapted), batch.query_y)
+        return Outcome(float(out.loss), out.acc)
+
+
+class MAML(MetaLearner):
+    name = "maml"
+
+
+class FOMAML(MetaLearner):
+    name = "fomaml"
+
+    @property
+    def second_order(self) -> bool:
+        return False
+
+
+class ANIL(MetaLearner):
+    """Almost No Inner Loop (Raghu et al., 2020): only the head adapts."""
+
+    name = "anil"
+    scope_override = "head"
+
+
+class MetaSGD(MetaLearner):
+    """Meta-SGD (Li et al., 2017): a learned step size per adapted weight, initialised to inner_lr.
+
+    The head is rebuilt per episode with N rows, so its step sizes are per input feature
+    (`head.weight`, shape [d], shared by all rows) and one scalar for `head.bias`.
+    """
+
+    name = "metasgd"
+
+    def __init__(self, encoder: Encoder, cfg: LearnerConfig):
+        super().__init__(encoder, cfg)
+        weights = encoder.named_weights()
+        dim = _hidden_size(encoder)
+        shapes = {n: weights[n].shape for n in self.adapt_names}
+        shapes.update({"head.weight": torch.Size([dim]), "head.bias": torch.Size([])})
+        self.lrs = nn.ParameterDict(
+            {_key(n): nn.Parameter(torch.full(s, cfg.inner_lr, dtype=torch.float32)) for n, s in shapes.items()}
+        )
+
+    def inner_lr(self, key: str) -> torch.Tensor:
+        return self.lrs[_key(key)]
+
+    def learned_lrs(self) -> dict[str, torch.Tensor]:
+        """{parameter name: step sizes} (head ones under head.weight / head.bias)."""
+        return {k.replace("__", "."): v.detach() for k, v in self.lrs.items()}
+
+
+class Reptile(MetaLearner):
+    """Reptile (Nichol et al., 2018): the meta-gradient is theta - adapted weights.
+
+    An outer SGD step of size eps moves theta a fraction eps of the way to the weights the
+    inner loop reached. Only adapted, trainable encoder weights get a meta-gradient; the
+    prototype head is rebuilt per episode and needs none.
+    """
+
+    name = "reptile"
+
+    def __init__(self, encoder: Encoder, cfg: LearnerConfig):
+        super().__init__(encoder, cfg)
+        weights = encoder.named_weights()
+        if self.scope == "lora":
+            raise ConfigError(
+                "meta.algorithm=reptile with meta.adapt=lora: Reptile only moves the adapted weights, and "
+                "LoRA's B matrices restart at zero in every episode, so nothing useful would be meta-learned; "
+                "use adapt all or top_k with reptile, or maml/fomaml/metasgd with lora"
+            )
+        if not any(weights[n].requires_grad for n in self.adapt_names):
+            raise ConfigError(
+                f"meta.algorithm=reptile with meta.adapt={self.scope}: no trainable encoder weight adapts, "
+                "so Reptile has nothing to meta-learn; use adapt all, top_k or lora"
+            )
+
+    def meta_loss(self, batch: EpisodeBatch) -> Outcome:
+        raise NotImplementedError("Reptile has no meta-loss; use outer_backward")
+
+    def outer_backward(self, batch: EpisodeBatch, weight: float = 1.0) -> Outcome:
+        adapted = self.adapt(batch, create_graph=False, detach_meta=True)
+        weights = self.encoder.named_weights()
+        for n in self.adapt_names:
+            p = weights[n]
+            if not p.requires_grad:
+                continue
+            step = (p.detach() - adapted.encoder[n].detach()) * weight
+            p.grad = step if p.grad is None else p.grad + step
+        with torch.no_grad():
+            out = _score(query_logits(self.encoder, batch.query, adapted), batch.query_y)
+        return Outcome(float(out.loss), out.acc)
+
+
+class ProtoNet(MetaLearner):
+    """Prototypical Networks (Snell et al., 2017): no inner loop; squared Euclidean prototypes."""
+
+    name = "protonet"
+    scope_override = "head"
+
+    def meta_loss(self, batch: EpisodeBatch) -> Outcome:
+        protos = prototypes(self.encoder(batch.support), batch.support_y, batch.ways)
+        return _score(proto_logits(self.encoder(batch.query), protos), batch.query_y)
+
+    def evaluate(self, batch: EpisodeBatch) -> Outcome:
+        with torch.no_grad():
+            out = self.meta_loss(batch)
+        return Outcome(float(out.loss), out.acc)
+
+
+ALGORITHMS: dict[str, type[MetaLearner]] = {
+    c.name: c for c in (MAML, FOMAML, MetaSGD, ANIL, Reptile, ProtoNet)
+}
+
+
+def build_learner(model: nn.Module, cfg: LearnerConfig) -> MetaLearner:
+    """Wrap a Hugging Face encoder (`AutoModel`) into the learner `cfg.algorithm` names."""
+    cls = ALGORITHMS.get(cfg.algorithm)
+    if cls is None:
+        raise ConfigError(f"meta.algorithm={cfg.algorithm!r}: allowed {', '.join(ALGORITHMS)}")
+    if cfg.adapt == "lora" and cls.scope_override is None:
+        model = add_lora(model, cfg.lora_rank, list(cfg.lora_targets) if cfg.lora_targets else None)
+    return cls(Encoder(model, cfg.pooling, checkpointing=cfg.checkpointing), cfg)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def _hidden_size(encoder: Encoder) -> int:
+    config = getattr(encoder.model, "config", None)
+    for attr in ("hidden_size", "d_model", "dim"):
+        if config is not None and isinstance(getattr(config, attr, None), int):
+            return getattr(config, attr)
+    raise ConfigError("meta.algorithm=metasgd: cannot read the backbone's hidden size from its config")
+
+
+__all__ = [
+    "ALGORITHMS",
+    "ANIL",
+    "FOMAML",
+    "HEAD_KEYS",
+    "MAML",
+    "LearnerConfig",
+    "MetaLearner",
+    "MetaSGD",
+    "Outcome",
+    "ProtoNet",
+    "Reptile",
+    "build_learner",
+]

@@ -1,0 +1,57 @@
+"""Episodes as tensors: tokenized support and query sets with their class indices."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from metaloop.episodes import Episode
+
+Inputs = dict[str, torch.Tensor]
+
+
+@dataclass
+class EpisodeBatch:
+    support: Inputs
+    support_y: torch.Tensor
+    query: Inputs
+    query_y: torch.Tensor
+    ways: int
+
+    def to(self, device: torch.device | str) -> EpisodeBatch:
+        move = lambda d: {k: v.to(device) for k, v in d.items()}
+        return EpisodeBatch(move(self.support), self.support_y.to(device), move(self.query),
+                            self.query_y.to(device), self.ways)
+
+    @property
+    def tokens(self) -> int:
+        """Real (non-padding) tokens in the episode, for FLOP accounting."""
+        return int(self.support["attention_mask"].sum() + self.query["attention_mask"].sum())
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int, padding: str = "longest") -> Inputs:
+    enc = tokenizer(texts, padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
+    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def episode_batch(
+    episode: Episode,
+    texts: Callable[[Iterable[str]], list[str]],
+    tokenizer,
+    max_length: int,
+    padding: str = "longest",
+) -> EpisodeBatch:
+    """Tokenize an `Episode`; `texts` maps row ids to texts (e.g. `Pool.texts`).
+
+    padding="longest" pads each set to its longest text (dynamic padding);
+    "max_length" pads everything to `max_length`.
+    """
+    return EpisodeBatch(
+        support=tokenize(tokenizer, texts(episode.support_ids), max_length, padding),
+        support_y=torch.tensor(episode.support_y, dtype=torch.long),
+        query=tokenize(tokenizer, texts(episode.query_ids), max_length, padding),
+        query_y=torch.tensor(episode.query_y, dtype=torch.long),
+        ways=episode.ways,
+    )

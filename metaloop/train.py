@@ -1,0 +1,433 @@
+"""Meta-training: the one entry point, for one process or many under torchrun.
+
+    python -m metaloop.train --params params.yaml             # this process is the whole job
+    torchrun --nproc-per-node 2 -m metaloop.train --params params.yaml
+    python -m metaloop.train --params params.yaml --launch    # torchrun with params.meta's
+                                                              # nproc/nnodes/rdzv/max_restarts
+
+What a step does. The meta-train manifest is read as an endless stream: pass e of the
+stream is a permutation of the manifest seeded by (seed, e). Step t takes the stream's
+episodes [t*B, (t+1)*B) for B = meta.meta_batch_size; rank r of W takes those with
+j % W == r, runs the algorithm's outer backward on each (loss scaled by 1/B), gradients
+are summed over ranks (so every rank sees the mean over the whole meta-batch), and every
+rank takes the same optimizer step: parameters stay identical on all ranks, and the
+episodes a step sees do not depend on W. Dropout noise is seeded by (seed, step, rank).
+
+Checkpoints (every meta.checkpoint_every steps, on SIGTERM and at the end) hold the
+weights, optimizer state, RNG states, step and stream position; a restarted job (by hand,
+or torchrun --max-restarts after a rank died) resumes from the last one and replays
+exactly. A run whose params or data changed does not resume: its stale checkpoints are
+removed. Meta-validation every meta.val_every steps scores meta.val_episodes meta-val
+episodes; the best is kept, and meta.patience validations without improvement stop the
+run. The best (or, with no meta-val episodes, the last) weights are exported to
+<output_dir>/model (see `metaloop.meta.checkpoint.export_model`), with metrics.jsonl and
+summary.json beside it.
+
+Multi-node runs need output_dir on storage every node sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_model
+
+from metaloop.backbone import load_backbone, resolve
+from metaloop.config import Params, load_params
+from metaloop.episodes import Episode, read_manifest
+from metaloop.errors import ConfigError, DataError, MetaloopError
+from metaloop.meta import dist as D
+from metaloop.meta.algorithms import LearnerConfig, MetaLearner, build_learner
+from metaloop.meta.checkpoint import Checkpoints, export_model, rng_state, set_rng_state
+from metaloop.meta.data import episode_batch
+
+log = logging.getLogger("metaloop.train")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model_dir: Path
+    step: int  # last step trained
+    best_step: int | None
+    best_val_loss: float | None
+    best_val_acc: float | None
+    stopped_early: bool
+    interrupted: bool  # stopped by SIGTERM after checkpointing; run again to resume
+    resumed_from: int | None
+    world_size: int
+    digest: str  # sha256 of this rank's final parameters
+    learner: MetaLearner | None = field(default=None, repr=False)
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d.pop("learner")
+        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
+# ---------------------------------------------------------------- data
+
+
+class EpisodeStream:
+    """Position i of the endless meta-train stream -> an episode (a pure function of seed, i)."""
+
+    def __init__(self, episodes: list[Episode], seed: int):
+        self.episodes, self.seed = episodes, seed
+        self._perm: tuple[int, list[int]] | None = None
+
+    def __getitem__(self, i: int) -> Episode:
+        n = len(self.episodes)
+        epoch, pos = divmod(i, n)
+        if self._perm is None or self._perm[0] != epoch:
+            order = list(range(n))
+            random.Random(f"metaloop-stream:{self.seed}:{epoch}").shuffle(order)
+            self._perm = (epoch, order)
+        return self.episodes[self._perm[1][pos]]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_texts(curated: Path, episodes: list[Episode]) -> dict[str, str]:
+    if not curated.is_file():
+        raise DataError(f"{curated}: curated dataset not found; run `metaloop curate` (or `dvc repro curate`)")
+    try:
+        table = pd.read_parquet(curated, columns=["id", "text"])
+    except (KeyError, ValueError) as err:
+        raise DataError(f"{curated}: cannot read columns id, text ({err}); re-run `metaloop curate`") from None
+    texts = dict(zip(table["id"], table["text"]))
+    missing = {i for e in episodes for i in (*e.support_ids, *e.query_ids)} - texts.keys()
+    if missing:
+        raise DataError(
+            f"{len(missing)} episode row ids (e.g. {min(missing)!r}) are not in {curated}; the "
+            "manifests are older than the curated data: re-run `metaloop episodes`"
+        )
+    return texts
+
+
+def _inputs(params: Params, curated=None, meta_train=None, meta_val=None):
+    curated = Path(curated or params.curation.output_dir / "curated.parquet")
+    meta_train = Path(meta_train or params.episodes.output_dir / "meta_train.jsonl")
+    meta_val = Path(meta_val or params.episodes.output_dir / "meta_val.jsonl")
+    train_eps = read_manifest(meta_train)
+    if not train_eps:
+        raise DataError(f"{meta_train}: no episodes; check domains.meta_train and re-run `metaloop episodes`")
+    val_eps = read_manifest(meta_val)[: params.meta.val_episodes] if meta_val.is_file() else []
+    texts = _load_texts(curated, train_eps + val_eps)
+    return curated, meta_train, meta_val, train_eps, val_eps, texts
+
+
+def preflight(params: Params, **paths) -> None:
+    """Raise ConfigError / DataError now for what would make every rank fail (missing data,
+    unknown backbone, impossible algorithm/adapt pairs); call before launching torchrun,
+    whose own exit status does not tell bad input from a crash."""
+    m = params.meta
+    resolve(params.backbone.name_or_path)
+    if m.algorithm == "reptile" and m.adapt in ("head", "lora"):
+        raise ConfigError(f"meta.algorithm=reptile with meta.adapt={m.adapt}: Reptile only moves adapted encoder "
+                          "weights, so nothing would be meta-learned; use adapt all or top_k")
+    _inputs(params, **paths)
+
+
+# ---------------------------------------------------------------- signals
+
+
+class _Stop:
+    """SIGTERM sets a flag; the run checkpoints at the end of the step and returns."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def fingerprint(params: Params, files: list[Path]) -> str:
+    """What a checkpoint must match to be resumed: the math-relevant params and the data."""
+    m = params.meta
+    knobs = {
+        "seed": params.seed,
+        "backbone": params.backbone.model_dump(mode="json"),
+        "meta": m.model_dump(mode="json", include={
+            "algorithm", "adapt", "top_k", "lora_rank", "lora_targets", "inner_steps", "inner_lr",
+            "outer_lr", "first_order", "meta_batch_size", "bf16", "max_grad_norm",
+        }),
+        "data": {p.name: _sha256(p) for p in files if p.is_file()},
+    }
+    return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()
+
+
+def run(
+    params: Params,
+    *,
+    curated: str | Path | None = None,
+    meta_train: str | Path | None = None,
+    meta_val: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    resume: bool = True,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> TrainResult:
+    """Meta-train as this process's rank (world of one outside torchrun).
+
+    Paths default to params: <curation.output_dir>/curated.parquet,
+    <episodes.output_dir>/meta_train.jsonl and meta_val.jsonl, <meta.output_dir>.
+    resume=False discards existing checkpoints (only on torchrun's first attempt, so elastic
+    restarts still resume). `on_step(step, record)` is called after every step on every rank.
+    """
+    m = params.meta
+    out = Path(output_dir or m.output_dir)
+    torch.set_num_threads(m.threads_per_rank)
+    curated, meta_train, meta_val, train_eps, val_eps, texts = _inputs(params, curated, meta_train, meta_val)
+    fp = fingerprint(params, [curated, meta_train, meta_val])
+
+    ctx = D.setup()
+    try:
+        with _Stop() as stop:
+            return _train(params, ctx, out, texts, train_eps, val_eps, fp, resume, stop, on_step)
+    finally:
+        D.teardown(ctx)
+
+
+def _train(params, ctx, out, texts, train_eps, val_eps, fp, resume, stop, on_step) -> TrainResult:
+    m = params.meta
+    main = ctx.is_main
+    ckpts = Checkpoints(out / "checkpoints", keep=m.keep_checkpoints)
+    if not val_eps and main:
+        log.warning("no meta-val episodes: no validation, no early stopping; the last step is exported")
+
+    torch.manual_seed(params.seed)
+    model, tokenizer = load_backbone(params.backbone)
+    learner = build_learner(model, LearnerConfig.from_params(m, params.backbone)).to(ctx.device)
+    learner.train()
+    meta_params = learner.meta_parameters()
+    optimizer = torch.optim.Adam(meta_params, lr=m.outer_lr)
+
+    # ---- resume or start fresh
+    latest = ckpts.latest()
+    if latest is not None and not (resume or ctx.restart_count > 0):
+        latest = None
+    if latest is not None and Checkpoints.state(latest).get("fingerprint") != fp:
+        if main:
+            log.warning("%s: checkpoints from a run with other params or data; starting fresh", ckpts.root)
+        latest = None
+    D.barrier(ctx)
+    if latest is None and main:  # a fresh run: nothing of an earlier one may remain
+        ckpts.wipe()
+        for stale in ("metrics.jsonl", "summary.json"):
+            (out / stale).unlink(missing_ok=True)
+    state = {"step": 0, "position": 0, "best": None, "bad_validations": 0, "stopped_early": False}
+    resumed_from = None
+    if latest is not None:
+        state.update(Checkpoints.load(latest, learner, optimizer))
+        rngs = state.pop("rng") or []
+        if len(rngs) == ctx.world:
+            set_rng_state(rngs[ctx.rank])
+        resumed_from = state["step"]
+        if main:
+            log.info("resuming from %s (step %d)", latest, resumed_from)
+            ckpts.discard_after(resumed_from)
+            _truncate_metrics(out / "metrics.jsonl", resumed_from)
+    D.barrier(ctx)
+    D.broadcast_module(learner, ctx)
+
+    stream = EpisodeStream(train_eps, params.seed)
+    make = lambda ep: episode_batch(ep, lambda ids: [texts[i] for i in ids], tokenizer,
+                                    params.backbone.max_length).to(ctx.device)
+    amp = (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16)) if m.bf16 else contextlib.nullcontext
+    metrics = _Metrics(out / "metrics.jsonl", main)
+
+    def validate(step: int) -> dict:
+        learner.eval()
+        sums = [0.0, 0.0, 0.0]
+        for i in range(ctx.rank, len(val_eps), ctx.world):
+            with amp():
+                o = learner.evaluate(make(val_eps[i]))
+            sums = [sums[0] + o.loss, sums[1] + o.acc, sums[2] + 1]
+        learner.train()
+        loss, acc, n = D.all_reduce_sum(sums, ctx)
+        rec = {"val_loss": loss / n, "val_acc": acc / n}
+        best = state["best"]
+        if best is None or (rec["val_acc"], -rec["val_loss"]) > (best["val_acc"], -best["val_loss"]):
+            state["best"], state["bad_validations"] = {"step": step, **rec}, 0
+            if main:
+                ckpts.save_best(step, learner, rec)
+        else:
+            state["bad_validations"] += 1
+        return rec
+
+    def checkpoint(step: int) -> None:
+        rngs = D.all_gather_object(rng_state(), ctx)
+        if main:
+            ckpts.save(step, learner, optimizer, {**state, "fingerprint": fp, "world_size": ctx.world}, rngs)
+        D.barrier(ctx)
+
+    if state["step"] == 0 and val_eps and resumed_from is None:
+        metrics.write({"step": 0, **validate(0)})
+
+    B = m.meta_batch_size
+    interrupted = False
+    step = state["step"]
+    finished = state["stopped_early"] or step >= m.steps
+    while not finished:
+        step += 1
+        t0 = time.perf_counter()
+        torch.manual_seed(D.step_seed(params.seed, step, ctx.rank))
+        optimizer.zero_grad(set_to_none=True)
+        sums = [0.0, 0.0, 0.0]
+        for j in range(ctx.rank, B, ctx.world):
+            with amp():
+                o = learner.outer_backward(make(stream[state["position"] + j]), weight=1.0 / B)
+            sums = [sums[0] + o.loss, sums[1] + o.acc, sums[2] + 1]
+        D.sync_grads(meta_params, ctx)
+        if m.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(meta_params, m.max_grad_norm)
+        optimizer.step()
+        state["position"] += B
+        state["step"] = step
+        loss, acc, n, stopping = D.all_reduce_sum([*sums, float(stop.requested)], ctx)
+        rec = {"step": step, "train_loss": loss / n, "train_acc": acc / n,
+               "seconds": round(time.perf_counter() - t0, 4)}
+        if val_eps and (step % m.val_every == 0 or step == m.steps):
+            rec.update(validate(step))
+            if state["bad_validations"] >= m.patience:
+                state["stopped_early"] = True
+        finished = state["stopped_early"] or step >= m.steps
+        interrupted = stopping > 0 and not finished
+        metrics.write(rec)
+        if main:
+            log.info("step %d/%d %s", step, m.steps, " ".join(f"{k}={v:.4g}" for k, v in rec.items() if k != "step"))
+        if step % m.checkpoint_every == 0 or finished or interrupted:
+            checkpoint(step)
+        if on_step is not None:
+            on_step(step, rec)
+        if interrupted:
+            if main:
+                log.warning("SIGTERM: checkpointed step %d; run again to resume", step)
+            break
+
+    # ---- export
+    model_dir = out / "model"
+    best = state["best"]
+    digests = D.all_gather_object(D.digest(learner), ctx)
+    if main and not interrupted:
+        exported = learner
+        best_dir = ckpts.best(best["step"]) if best else None
+        if best_dir is not None:
+            exported = copy.deepcopy(learner)
+            load_model(exported, str(best_dir / "weights.safetensors"), device=str(ctx.device))
+        info = {"step": best["step"] if best_dir else step, "max_length": params.backbone.max_length,
+                "backbone": params.backbone.name_or_path, "val_acc": best["val_acc"] if best else None}
+        export_model(exported, tokenizer, model_dir, info)
+    result = TrainResult(
+        output_dir=out, model_dir=model_dir, step=step, best_step=best["step"] if best else None,
+        best_val_loss=best["val_loss"] if best else None, best_val_acc=best["val_acc"] if best else None,
+        stopped_early=state["stopped_early"], interrupted=interrupted, resumed_from=resumed_from,
+        world_size=ctx.world, digest=digests[ctx.rank], learner=learner,
+    )
+    if main:
+        if len(set(digests)) != 1:
+            log.error("parameters differ across ranks: %s", digests)
+        (out / "summary.json").write_text(
+            json.dumps({**result.summary(), "rank_digests": digests}, indent=2) + "\n", encoding="utf-8")
+    D.barrier(ctx)
+    return result
+
+
+class _Metrics:
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if path.is_file():
+        keep = [l for l in path.read_text(encoding="utf-8").splitlines() if l and json.loads(l)["step"] <= step]
+        path.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
+
+
+# ---------------------------------------------------------------- launching
+
+
+def torchrun_command(params: Params, params_path: str | Path, *extra: str) -> list[str]:
+    """The torchrun command line params.meta asks for (nproc, nnodes, rendezvous, restarts)."""
+    m = params.meta
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(m.nnodes),
+           "--nproc-per-node", str(m.nproc), "--max-restarts", str(m.max_restarts)]
+    if m.rdzv_endpoint:
+        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", m.rdzv_endpoint, "--rdzv-id", m.rdzv_id]
+    else:
+        cmd += ["--standalone"]
+    return [*cmd, "-m", "metaloop.train", "--params", str(params_path), *extra]
+
+
+def launch(params_path: str | Path, *extra: str) -> int:
+    """Run meta-training under torchrun as params.meta describes; returns its exit status."""
+    params = load_params(params_path)
+    env = {**os.environ, "OMP_NUM_THREADS": str(params.meta.threads_per_rank)}
+    return subprocess.run(torchrun_command(params, params_path, *extra), env=env, check=False).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m metaloop.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+    ap.add_argument("--launch", action="store_true", help="start torchrun with params.meta's settings")
+    ap.add_argument("--fresh", action="store_true", help="ignore and remove existing checkpoints")
+    args = ap.parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    try:
+        params = load_params(args.params)
+        if args.launch:
+            preflight(params)
+            return launch(args.params, *(["--fresh"] if args.fresh else []))
+        result = run(params, resume=not args.fresh)
+    except MetaloopError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 143 if result.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
