@@ -228,8 +228,8 @@ class Promotion(Strict):
     metric: str = Field("accuracy", description="Higher is better; percent on the domain's eval episodes.")
     margin: Annotated[float, Field(ge=0)] = Field(0.5, description="Points the challenger must gain.")
     guarded: dict[str, Annotated[float, Field(ge=0)]] = Field(
-        default_factory=lambda: {"accuracy_1shot": 1.0, "test_accuracy": 1.0},
-        description="Metric -> largest allowed drop versus the champion, in points.",
+        default_factory=dict,
+        description="Metric -> largest allowed drop versus the champion, in points (e.g. accuracy_1shot: 1.0).",
     )
     max_size_mb: Annotated[float, Field(gt=0)] | None = None
     max_p50_ms: Annotated[float, Field(gt=0)] | None = None

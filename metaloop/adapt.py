@@ -1,0 +1,760 @@
+"""Per-domain adaptation: one standalone text classifier per target domain.
+
+    params = AdaptParams(strategy="lora")
+    result = adapt_domain("artifacts/meta/model", table, "hospitality", params, "artifacts/adapted/hospitality")
+    outcome = adapt_domains(init, table, ["hospitality", "veterinary_clinic"], params, "artifacts/adapted")
+
+The starting point is any encoder folder (the meta-learned initialisation exported by
+`metaloop.train`, `packaged:all-MiniLM-L6-v2`, a hub id) or an existing classifier folder.
+The output folder loads with `AutoModelForSequenceClassification.from_pretrained` alone:
+config with `id2label`/`label2id` (labels in sorted order, as in the evaluation episodes),
+`model.safetensors`, tokenizer files, and `metaloop.json` recording how it was made.
+
+Strategies (`AdaptParams.strategy`): `full` trains every weight; `top_k` the top k
+Transformer layers and the head; `head` the pooler and classifier only; `lora` peft LoRA
+adapters (plus pooler and classifier), merged into the weights after training, so the
+saved model has the base architecture and no peft dependency.
+
+* Head initialisation: class centroids c_k of the training examples' pooled features give
+  W_k = 2 c_k, b_k = -||c_k||^2 (the Proto-MAML head, as in `metaloop.meta.head`): before
+  any step the classifier is a nearest-centroid classifier, a strong start for few shots.
+* Meta-SGD: an init folder carrying `meta_sgd_lrs.safetensors` (written by
+  `metaloop.meta.checkpoint.export_model`; keys are the encoder's parameter names, plus
+  `head.weight` [d] and `head.bias` []) has those parameters trained by SGD with the learned
+  per-element step sizes (times `learned_lr_scale`); other trainable parameters use AdamW.
+  `inner_lrs.safetensors` is read too, with the same keys. A `lora_adapter/` folder beside
+  the init (meta-learned LoRA A matrices) initialises the LoRA adapters.
+* Early stopping: the domain's `val` rows, else a stratified `holdout_fraction` of its train
+  rows, provided that slice has at least `early_stopping_min_rows` rows; the best epoch's
+  weights are kept.
+
+The standalone classifier pools with the architecture's own head (BERT: [CLS] -> dense ->
+tanh), because transformers has no stock BERT classifier with mean pooling; meta-training
+pools by mean. Fine-tuning bridges the two; see docs/compression.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from metaloop.errors import ConfigError, DataError
+
+log = logging.getLogger("metaloop.adapt")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+SIDECAR = "metaloop.json"  # how a model folder was made (adaptation, compression steps)
+LEARNED_LRS = ("meta_sgd_lrs.safetensors", "inner_lrs.safetensors")
+LORA_ADAPTER = "lora_adapter"
+HEAD_KEYS = ("head.weight", "head.bias")
+
+
+class Strict(BaseModel):
+    """The contract of `metaloop.config.Strict` (unknown keys are errors; frozen).
+
+    Defined here, not imported: `metaloop.config` imports this module to put `AdaptParams`
+    and `CompressParams` into `Params`, so importing config from here would be a cycle.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AdaptParams(Strict):
+    """How each target domain's classifier is adapted from the initialisation."""
+
+    strategy: Literal["full", "top_k", "head", "lora"] = Field("full", description="Which weights train.")
+    top_k: PositiveInt = Field(2, description="Transformer layers trained when strategy=top_k.")
+    lora_rank: PositiveInt = 8
+    lora_alpha: PositiveFloat | None = Field(None, description="LoRA scaling numerator; default 2 * rank.")
+    lora_targets: list[str] | None = Field(None, description="Module names for LoRA; default: peft's for the model.")
+    shots: PositiveInt | None = Field(
+        None, description="Train on this many rows per label (drawn with the seed); null = every train row."
+    )
+    epochs: PositiveInt = 8
+    batch_size: PositiveInt = 32
+    lr: PositiveFloat = Field(5e-5, description="AdamW learning rate of encoder weights (full, top_k).")
+    lora_lr: PositiveFloat = Field(1e-3, description="AdamW learning rate of LoRA adapters.")
+    head_lr: PositiveFloat = Field(1e-3, description="AdamW learning rate of the pooler and classifier.")
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    warmup: Fraction = Field(0.1, description="Share of steps with linear warm-up; then linear decay.")
+    prototype_head: bool = Field(True, description="Initialise the classifier from class centroids.")
+    learned_lrs: bool = Field(True, description="Use the init's Meta-SGD step sizes when it carries them.")
+    learned_lr_scale: PositiveFloat = 1.0
+    holdout_fraction: Fraction = Field(
+        0.1, description="Share of train rows held out for early stopping when the domain has no val rows."
+    )
+    early_stopping_min_rows: PositiveInt = Field(
+        30, description="Early-stop only when the held-out slice has at least this many rows."
+    )
+    patience: PositiveInt = Field(2, description="Epochs without held-out improvement before stopping.")
+    threads: PositiveInt | None = Field(None, description="torch CPU threads while adapting (null: leave as is).")
+    output_dir: Path = Path("artifacts/adapted")
+
+    @model_validator(mode="after")
+    def _check(self) -> AdaptParams:
+        if self.lora_targets is not None and not self.lora_targets:
+            raise ValueError("lora_targets must name at least one module, or be null for peft's default")
+        return self
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Examples:
+    texts: list[str]
+    labels: list[str]
+
+    def __post_init__(self):
+        if len(self.texts) != len(self.labels):
+            raise ValueError("texts and labels differ in length")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass(frozen=True)
+class DomainData:
+    domain: str
+    labels: list[str]  # sorted; index i is class i
+    train: Examples
+    val: Examples | None  # held-out slice for early stopping (None: too few rows)
+    val_source: str  # "val split", "train holdout" or "none"
+
+
+def _table(table: pd.DataFrame | str | Path) -> pd.DataFrame:
+    if isinstance(table, (str, Path)):
+        path = Path(table)
+        if not path.is_file():
+            raise DataError(f"{path}: curated dataset not found; run `metaloop curate`")
+        table = pd.read_parquet(path)
+    missing = {"text", "label", "domain", "split"} - set(table.columns)
+    if missing:
+        raise DataError(f"curated table lacks columns {sorted(missing)}; re-run `metaloop curate`")
+    return table
+
+
+def domain_data(
+    table: pd.DataFrame | str | Path,
+    domain: str,
+    params: AdaptParams,
+    *,
+    eval_labels: Sequence[str] | None = None,
+    seed: int = 13,
+) -> DomainData:
+    """The domain's training rows and early-stopping slice; DataError names what is wrong.
+
+    `eval_labels`: the labels of the domain's evaluation set (its fixed evaluation episodes);
+    default: the labels of its `test` rows. Training labels and evaluation labels must be the
+    same set: a label only one side knows can be neither learned nor scored.
+    """
+    table = _table(table)
+    rows = table[table["domain"] == domain]
+    if rows.empty:
+        known = ", ".join(sorted(map(str, table["domain"].unique())))
+        raise DataError(f"domain {domain!r}: no rows in the curated dataset (domains present: {known})")
+    train = rows[rows["split"] == "train"]
+    by_label: dict[str, list[str]] = {}
+    for text, label in zip(train["text"], train["label"]):
+        by_label.setdefault(str(label), []).append(str(text))
+    labels = sorted(by_label)
+    if len(labels) < 2:
+        raise DataError(
+            f"domain {domain!r}: a classifier needs at least 2 labels with train rows, found {labels}; "
+            "add examples or drop the domain from domains.target"
+        )
+    if eval_labels is None:
+        eval_labels = sorted(set(map(str, rows.loc[rows["split"] == "test", "label"])))
+    if eval_labels:
+        unknown_to_eval = sorted(set(labels) - set(eval_labels))
+        unknown_to_train = sorted(set(eval_labels) - set(labels))
+        if unknown_to_eval or unknown_to_train:
+            parts = []
+            if unknown_to_eval:
+                parts.append(f"labels unknown to its evaluation set: {unknown_to_eval}")
+            if unknown_to_train:
+                parts.append(f"evaluation labels without train rows: {unknown_to_train}")
+            raise DataError(
+                f"domain {domain!r}: " + "; ".join(parts)
+                + ". Rebuild the evaluation episodes (`metaloop episodes`) from the same curated data, "
+                "or give every label train and test rows"
+            )
+    need = params.shots or 1
+    short = {lab: len(texts) for lab, texts in by_label.items() if len(texts) < need}
+    if short:
+        raise DataError(
+            f"domain {domain!r}: adapt.shots={need} but labels {sorted(short)} have only "
+            f"{', '.join(f'{lab}={n}' for lab, n in sorted(short.items()))} train rows; "
+            "lower adapt.shots or add examples"
+        )
+
+    rng = random.Random(f"adapt:{seed}:{domain}")
+    val_rows = rows[rows["split"] == "val"]
+    val: Examples | None = None
+    source = "none"
+    pools = {lab: sorted(texts) for lab, texts in by_label.items()}
+    for texts in pools.values():
+        rng.shuffle(texts)
+    if len(val_rows) >= params.early_stopping_min_rows:
+        keep = val_rows["label"].astype(str).isin(labels)
+        val = Examples(list(map(str, val_rows["text"][keep])), list(map(str, val_rows["label"][keep])))
+        source = "val split"
+    elif params.holdout_fraction > 0:
+        held = {lab: int(len(t) * params.holdout_fraction) for lab, t in pools.items()}
+        # holding out must leave each label `need` rows, and the slice must be big enough
+        held = {lab: min(n, len(pools[lab]) - need) for lab, n in held.items()}
+        if sum(held.values()) >= params.early_stopping_min_rows and all(n > 0 for n in held.values()):
+            vt, vl = [], []
+            for lab in labels:
+                vt += pools[lab][: held[lab]]
+                vl += [lab] * held[lab]
+                pools[lab] = pools[lab][held[lab] :]
+            val = Examples(vt, vl)
+            source = "train holdout"
+    tt, tl = [], []
+    for lab in labels:
+        picked = pools[lab][: params.shots] if params.shots else pools[lab]
+        tt += picked
+        tl += [lab] * len(picked)
+    return DomainData(domain, labels, Examples(tt, tl), val, source)
+
+
+def eval_labels_by_domain(episodes) -> dict[str, list[str]]:
+    """{domain: labels} of fixed evaluation episodes (`metaloop.episodes.Episode`s)."""
+    out: dict[str, set[str]] = {}
+    for ep in episodes:
+        out.setdefault(ep.domain, set()).update(ep.labels)
+    return {d: sorted(v) for d, v in out.items()}
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run a block with `n` intra-op CPU threads (None: unchanged)."""
+    if not n:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def encode(tokenizer, texts: Sequence[str], max_length: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Tokenize; dynamic padding unless `pad_to` (then padded/truncated to exactly that)."""
+    enc = tokenizer(
+        list(texts), truncation=True, max_length=pad_to or max_length,
+        padding="max_length" if pad_to else True, return_tensors="pt",
+    )
+    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def batches(n: int, size: int, rng: random.Random | None = None) -> Iterator[list[int]]:
+    order = list(range(n))
+    if rng is not None:
+        rng.shuffle(order)
+    for i in range(0, n, size):
+        yield order[i : i + size]
+
+
+def linear_schedule(optimizer, total: int, warmup: float):
+    warm = max(1, int(total * warmup)) if warmup > 0 else 0
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total - step) / max(1, total - warm))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def final_linear(model: nn.Module) -> nn.Linear:
+    """The classifier's last linear layer (BERT: `classifier`; RoBERTa-like: `classifier.out_proj`)."""
+    head = getattr(model, "classifier", None)
+    if isinstance(head, nn.Linear):
+        return head
+    for name in ("out_proj", "dense"):
+        if isinstance(getattr(head, name, None), nn.Linear):
+            return getattr(head, name)
+    raise ConfigError(f"{type(model).__name__}: cannot find the classifier's final linear layer")
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """Top-level module names forming the classification head (trained by every strategy)."""
+    names = ["classifier"]
+    base = model.base_model
+    if getattr(base, "pooler", None) is not None:
+        names.append(f"{model.base_model_prefix}.pooler")
+    return names
+
+
+def layers_of(model: nn.Module) -> nn.ModuleList:
+    base = model.base_model
+    enc = getattr(base, "encoder", None)
+    layers = getattr(enc, "layer", None) if enc is not None else None
+    if not isinstance(layers, nn.ModuleList):
+        raise ConfigError(
+            f"{type(model).__name__}: no `encoder.layer` stack; BERT-like encoders (BERT, MiniLM, RoBERTa) "
+            "are supported"
+        )
+    return layers
+
+
+@torch.no_grad()
+def pooled_features(model: nn.Module, tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 64):
+    """Inputs of the final linear layer (what the classifier sees) for `texts`, in eval mode."""
+    lin = final_linear(model)
+    seen: list[torch.Tensor] = []
+    hook = lin.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    was = model.training
+    model.eval()
+    try:
+        for idx in batches(len(texts), batch_size):
+            model(**encode(tokenizer, [texts[i] for i in idx], max_length))
+    finally:
+        hook.remove()
+        model.train(was)
+    return torch.cat(seen)
+
+
+@torch.no_grad()
+def prototype_init(model: nn.Module, tokenizer, examples: Examples, labels: list[str], max_length: int) -> None:
+    """Set the final linear layer to the nearest-centroid classifier of `examples`."""
+    z = pooled_features(model, tokenizer, examples.texts, max_length)
+    y = torch.tensor([labels.index(lab) for lab in examples.labels])
+    onehot = F.one_hot(y, len(labels)).to(z.dtype)
+    c = onehot.t() @ z / onehot.sum(0).clamp_min(1).unsqueeze(1)
+    lin = final_linear(model)
+    lin.weight.copy_(2.0 * c)
+    lin.bias.copy_(-(c * c).sum(-1))
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 128):
+    was = model.training
+    model.eval()
+    try:
+        outs = [model(**encode(tokenizer, [texts[i] for i in idx], max_length)).logits.float()
+                for idx in batches(len(texts), batch_size)]
+    finally:
+        model.train(was)
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def accuracy(model: nn.Module, tokenizer, data: Examples, labels: list[str], max_length: int) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of `model` on `data`."""
+    logits = predict_logits(model, tokenizer, data.texts, max_length)
+    y = torch.tensor([labels.index(lab) for lab in data.labels])
+    return float((logits.argmax(-1) == y).float().mean()), float(F.cross_entropy(logits, y))
+
+
+# ---------------------------------------------------------------- the init folder
+
+
+def _resolve(init: str | Path) -> str:
+    from metaloop.backbone import resolve
+
+    return resolve(str(init))
+
+
+def _normalise(name: str, prefix: str) -> str:
+    """Parameter name without peft/model prefixes or adapter names, for matching across wrappers."""
+    for p in ("base_model.model.", f"{prefix}."):
+        name = name.removeprefix(p)
+    return name.replace(".modules_to_save.default.", ".").replace(".default.", ".")
+
+
+def read_learned_lrs(folder: str | Path) -> dict[str, torch.Tensor] | None:
+    """Meta-SGD step sizes saved beside an init (None when it carries none)."""
+    from safetensors.torch import load_file
+
+    for name in LEARNED_LRS:
+        path = Path(folder) / name
+        if path.is_file():
+            return load_file(str(path))
+    return None
+
+
+def load_for_classification(init: str | Path, labels: list[str], attn_implementation: str = "sdpa"):
+    """(model, tokenizer): `init`'s encoder with a fresh `len(labels)`-way classification head."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    where = _resolve(init)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            where,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={lab: i for i, lab in enumerate(labels)},
+            ignore_mismatched_sizes=True,
+            attn_implementation=attn_implementation,
+            dtype=torch.float32,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"adapt: cannot load an encoder and tokenizer from {str(init)!r} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0]}); give the meta-training output's model folder, a save_pretrained "
+            "folder, packaged:all-MiniLM-L6-v2 or a hub id"
+        ) from None
+    finally:
+        hf_logging.set_verbosity(level)
+    model.config.problem_type = "single_label_classification"
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclass
+class FitHistory:
+    strategy: str
+    epochs_run: int = 0
+    best_epoch: int = 0
+    steps: int = 0
+    train_loss: list[float] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    stopped_early: bool = False
+    learned_lrs: int = 0  # parameters trained with Meta-SGD step sizes
+    trainable_params: int = 0
+    seconds: float = 0.0
+
+
+def _trainable(model: nn.Module, params: AdaptParams) -> None:
+    head = head_modules(model)
+    for name, p in model.named_parameters():
+        in_head = any(name.startswith(h + ".") for h in head)
+        if params.strategy == "full":
+            p.requires_grad_(True)
+        elif params.strategy == "head":
+            p.requires_grad_(in_head)
+        elif params.strategy == "top_k":
+            n_layers = len(layers_of(model))
+            if params.top_k > n_layers:
+                raise ConfigError(f"adapt.top_k={params.top_k} but the encoder has {n_layers} layers")
+            idx = _layer_index(name)
+            p.requires_grad_(in_head or (idx is not None and idx >= n_layers - params.top_k))
+        else:  # lora: peft decides (adapters + modules_to_save)
+            pass
+
+
+def _layer_index(name: str) -> int | None:
+    parts = name.split(".")
+    for a, b in itertools.pairwise(parts):
+        if a == "layer" and b.isdigit():
+            return int(b)
+    return None
+
+
+def _add_lora(model: nn.Module, params: AdaptParams, init: str | Path) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=params.lora_rank,
+        lora_alpha=params.lora_alpha or 2 * params.lora_rank,
+        lora_dropout=0.0,
+        target_modules=params.lora_targets,
+        modules_to_save=head_modules(model),
+    )
+    try:
+        wrapped = get_peft_model(model, cfg)
+    except ValueError as err:
+        raise ConfigError(f"adapt.strategy=lora: peft cannot place adapters ({err}); set adapt.lora_targets") from None
+    adapter = Path(_resolve(init)) / LORA_ADAPTER
+    if (adapter / "adapter_model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        prefix = model.base_model_prefix
+        saved = {_normalise(k, prefix).replace(".weight", ""): v for k, v in
+                 load_file(str(adapter / "adapter_model.safetensors")).items()}
+        loaded = 0
+        with torch.no_grad():
+            for name, p in wrapped.named_parameters():
+                key = _normalise(name, prefix).replace(".weight", "")
+                if ".lora_A" in name and key in saved and saved[key].shape == p.shape:
+                    p.copy_(saved[key])
+                    loaded += 1
+        log.info("adapt: %d LoRA A matrices initialised from %s", loaded, adapter)
+    return wrapped
+
+
+def _learned_lr_map(
+    model: nn.Module, lrs: dict[str, torch.Tensor], scale: float, head_name: str, prefix: str
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Trainable parameter -> its learned step sizes (broadcastable to it).
+
+    Encoder keys match by name (any peft/model prefix ignored); `head.weight` ([d], shared
+    by every class row) and `head.bias` go to the classifier's final linear layer `head_name`.
+    """
+    norm = {_normalise(k, prefix): v for k, v in lrs.items() if k not in HEAD_KEYS}
+    norm[f"{head_name}.weight"] = lrs.get("head.weight")
+    norm[f"{head_name}.bias"] = lrs.get("head.bias")
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        lr = norm.get(_normalise(name, prefix))
+        if lr is None or not p.requires_grad or "original_module" in name:
+            continue
+        if lr.dim() == 1 and p.dim() == 2 and _normalise(name, prefix) == f"{head_name}.weight":
+            lr = lr.unsqueeze(0)  # [d] step sizes shared by every class row
+        try:
+            if torch.broadcast_shapes(lr.shape, p.shape) == p.shape:
+                out[p] = lr.float() * scale
+        except RuntimeError:
+            log.warning("adapt: learned step sizes for %s have shape %s, not %s; ignored",
+                        name, tuple(lr.shape), tuple(p.shape))
+    return out
+
+
+def fit(
+    init: str | Path,
+    train: Examples,
+    labels: Sequence[str],
+    params: AdaptParams,
+    *,
+    val: Examples | None = None,
+    max_length: int = 64,
+    seed: int = 13,
+):
+    """Train a classifier in memory; returns (model, tokenizer, FitHistory). Nothing is saved.
+
+    The model returned is a plain `PreTrainedModel` (LoRA already merged), in eval mode.
+    """
+    labels = list(labels)
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]), torch_threads(params.threads):
+        torch.manual_seed(seed)
+        model, tokenizer = load_for_classification(init, labels)
+        if params.prototype_head:
+            prototype_init(model, tokenizer, train, labels, max_length)
+        learned = read_learned_lrs(_resolve(init)) if params.learned_lrs else None
+        head_name = next(n for n, m in model.named_modules() if m is final_linear(model))
+        prefix = model.base_model_prefix
+        if params.strategy == "lora":
+            model = _add_lora(model, params, init)
+        else:
+            _trainable(model, params)
+        sgd = _learned_lr_map(model, learned, params.learned_lr_scale, head_name, prefix) if learned else {}
+        hist = FitHistory(params.strategy, learned_lrs=len(sgd))
+        head_ids = {id(p) for n, p in model.named_parameters()
+                    if p.requires_grad and any(h in n for h in ("classifier", "pooler"))}
+        groups = {"head": [], "enc": []}
+        for n, p in model.named_parameters():
+            if p.requires_grad and p not in sgd:
+                groups["head" if id(p) in head_ids else "enc"].append(p)
+        hist.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        enc_lr = params.lora_lr if params.strategy == "lora" else params.lr
+        opt_groups = [g for g in (
+            {"params": groups["enc"], "lr": enc_lr},
+            {"params": groups["head"], "lr": params.head_lr},
+        ) if g["params"]]
+        optimizer = torch.optim.AdamW(opt_groups, weight_decay=params.weight_decay) if opt_groups else None
+        steps_per_epoch = math.ceil(len(train) / params.batch_size)
+        total = steps_per_epoch * params.epochs
+        scheduler = linear_schedule(optimizer, total, params.warmup) if optimizer else None
+        y_all = torch.tensor([labels.index(lab) for lab in train.labels])
+        rng = random.Random(f"adapt-batches:{seed}")
+        best: tuple[float, float] | None = None
+        best_state = None
+        bad = 0
+        for epoch in range(1, params.epochs + 1):
+            model.train()
+            losses = []
+            for idx in batches(len(train), params.batch_size, rng):
+                inputs = encode(tokenizer, [train.texts[i] for i in idx], max_length)
+                loss = F.cross_entropy(model(**inputs).logits, y_all[idx])
+                loss.backward()
+                if optimizer:
+                    optimizer.step()
+                    scheduler.step()
+                with torch.no_grad():
+                    for p, lr in sgd.items():
+                        if p.grad is not None:
+                            p.sub_(lr * p.grad)
+                model.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                hist.steps += 1
+            hist.train_loss.append(sum(losses) / len(losses))
+            hist.epochs_run = epoch
+            if val is not None and len(val):
+                acc, vloss = accuracy(model, tokenizer, val, labels, max_length)
+                hist.val_accuracy.append(acc)
+                hist.val_loss.append(vloss)
+                log.info("adapt: epoch %d train loss %.4f, held-out acc %.4f loss %.4f",
+                         epoch, hist.train_loss[-1], acc, vloss)
+                if best is None or (acc, -vloss) > best:
+                    best, bad, hist.best_epoch = (acc, -vloss), 0, epoch
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                else:
+                    bad += 1
+                    if bad >= params.patience:
+                        hist.stopped_early = True
+                        break
+            else:
+                hist.best_epoch = epoch
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+    model.eval()
+    hist.seconds = time.perf_counter() - t0
+    return model, tokenizer, hist
+
+
+# ---------------------------------------------------------------- saving
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Move a finished temporary folder into place, replacing an older one."""
+    if final.exists():
+        stale = final.with_name(f".stale-{final.name}-{os.getpid()}")
+        os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def fresh_tmp(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def save_classifier(model: nn.Module, tokenizer, out_dir: str | Path, info: dict) -> Path:
+    """Write a standalone classifier folder atomically (safetensors, tokenizer, metaloop.json)."""
+    out = Path(out_dir)
+    tmp = fresh_tmp(out)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_json(tmp / SIDECAR, {"format": "hf", **info})
+    commit_dir(tmp, out)
+    return out
+
+
+# ---------------------------------------------------------------- per domain
+
+
+@dataclass
+class AdaptResult:
+    domain: str
+    model_dir: str
+    strategy: str
+    labels: list[str]
+    n_train: int
+    n_val: int
+    val_source: str
+    val_accuracy: float | None  # best epoch's held-out accuracy
+    epochs_run: int
+    best_epoch: int
+    stopped_early: bool
+    learned_lrs: int
+    trainable_params: int
+    seconds: float
+
+    def metrics(self) -> dict[str, float]:
+        out = {"n_train": self.n_train, "n_val": self.n_val, "epochs_run": self.epochs_run,
+               "best_epoch": self.best_epoch, "adapt_seconds": self.seconds}
+        if self.val_accuracy is not None:
+            out["val_accuracy"] = 100.0 * self.val_accuracy
+        return out
+
+
+def adapt_domain(
+    init: str | Path,
+    table: pd.DataFrame | str | Path,
+    domain: str,
+    params: AdaptParams,
+    out_dir: str | Path | None = None,
+    *,
+    eval_labels: Sequence[str] | None = None,
+    max_length: int = 64,
+    seed: int = 13,
+) -> AdaptResult:
+    """Adapt and save one domain's classifier (default folder: params.output_dir / domain)."""
+    data = domain_data(table, domain, params, eval_labels=eval_labels, seed=seed)
+    model, tokenizer, hist = fit(init, data.train, data.labels, params, val=data.val, max_length=max_length, seed=seed)
+    out = Path(out_dir) if out_dir is not None else Path(params.output_dir) / domain
+    best_val = hist.val_accuracy[hist.best_epoch - 1] if hist.val_accuracy else None
+    result = AdaptResult(
+        domain=domain, model_dir=str(out), strategy=params.strategy, labels=data.labels,
+        n_train=len(data.train), n_val=len(data.val) if data.val else 0, val_source=data.val_source,
+        val_accuracy=best_val, epochs_run=hist.epochs_run, best_epoch=hist.best_epoch,
+        stopped_early=hist.stopped_early, learned_lrs=hist.learned_lrs,
+        trainable_params=hist.trainable_params, seconds=round(hist.seconds, 3),
+    )
+    save_classifier(model, tokenizer, out, {
+        "recipe": "fp32", "steps": [], "domain": domain, "init": str(init), "max_length": max_length,
+        "adapt": params.model_dump(mode="json"), "history": asdict(hist), "seed": seed,
+    })
+    return result
+
+
+@dataclass
+class AdaptOutcome:
+    results: dict[str, AdaptResult]
+    errors: dict[str, str]  # domain -> the DataError's message
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def adapt_domains(
+    init: str | Path,
+    table: pd.DataFrame | str | Path,
+    domains: Sequence[str],
+    params: AdaptParams,
+    out_root: str | Path | None = None,
+    *,
+    eval_labels: Mapping[str, Sequence[str]] | None = None,
+    max_length: int = 64,
+    seed: int = 13,
+) -> AdaptOutcome:
+    """Adapt every domain; a domain whose data is unusable is reported, and the others go on."""
+    table = _table(table)
+    root = Path(out_root) if out_root is not None else Path(params.output_dir)
+    outcome = AdaptOutcome({}, {})
+    for domain in domains:
+        try:
+            outcome.results[domain] = adapt_domain(
+                init, table, domain, params, root / domain,
+                eval_labels=(eval_labels or {}).get(domain), max_length=max_length, seed=seed,
+            )
+        except DataError as err:
+            log.warning("adapt: %s", err)
+            outcome.errors[domain] = str(err)
+    return outcome

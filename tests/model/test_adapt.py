@@ -1,0 +1,185 @@
+"""Per-domain adaptation on a tiny random BERT and the toy keyword domains.
+
+Checks: every strategy writes a standalone classifier (AutoModelForSequenceClassification,
+label names in its config, safetensors, tokenizer) and trains only what it should; the
+prototype head starts as a nearest-centroid classifier; Meta-SGD step sizes saved beside
+an init are used; unusable domains fail with a DataError naming domain and labels while
+the other domains go on.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForSequenceClassification
+
+from metaloop.adapt import (
+    AdaptParams,
+    Examples,
+    adapt_domain,
+    adapt_domains,
+    domain_data,
+    fit,
+    load_for_classification,
+    pooled_features,
+    prototype_init,
+)
+from metaloop.backbone import tiny_bert
+from metaloop.errors import DataError
+
+torch.set_num_threads(1)
+FAST = {"epochs": 25, "lr": 3e-3, "lora_lr": 1e-2, "head_lr": 3e-2, "batch_size": 16}
+TOPICS = {  # domain -> label -> the keywords that tell it apart
+    "shop": {"refund": "refund money back", "track": "where parcel track", "cancel": "cancel order stop",
+             "size": "size fit small"},
+    "bank": {"loan": "loan borrow rate", "card": "card lost stolen", "fee": "fee charge why",
+             "open": "open new account"},
+}
+FILLER = ["please", "i", "you", "the", "a", "my", "can", "help", "need", "today", "now", "hi", "thanks"]
+
+
+def toy_table(per_label: int = 12, seed: int = 0) -> pd.DataFrame:
+    """Keyword-separable rows; every 4th row of a label is a test row."""
+    rng = random.Random(seed)
+    rows = []
+    for domain, labels in TOPICS.items():
+        for label, keys in labels.items():
+            for i in range(per_label):
+                text = " ".join(rng.sample(keys.split(), 2) + rng.sample(FILLER, 2))
+                rows.append({"id": f"{domain}-{label}-{i}", "text": text, "label": label, "domain": domain,
+                             "split": "test" if i % 4 == 0 else "train", "source": "toy"})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-encoder")
+    tiny_bert(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def table() -> pd.DataFrame:
+    return toy_table()
+
+
+def _train_acc(model_dir, data: Examples) -> float:
+    from metaloop.compress.runtime import load_classifier
+
+    clf = load_classifier(model_dir, max_length=32)
+    pred = clf.predict(data.texts)
+    return sum(p == y for p, y in zip(pred, data.labels)) / len(pred)
+
+
+@pytest.mark.parametrize("strategy", ["full", "top_k", "head", "lora"])
+def test_each_strategy_writes_a_standalone_classifier(tmp_path, tiny_dir, table, strategy):
+    params = AdaptParams(strategy=strategy, top_k=1, early_stopping_min_rows=1000, **FAST)
+    out = tmp_path / "shop"
+    result = adapt_domain(tiny_dir, table, "shop", params, out, max_length=32)
+
+    assert {"config.json", "model.safetensors", "tokenizer.json", "metaloop.json"} <= {p.name for p in out.iterdir()}
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert [model.config.id2label[i] for i in range(4)] == ["cancel", "refund", "size", "track"]
+    assert model.config.label2id == {"cancel": 0, "refund": 1, "size": 2, "track": 3}
+    assert result.labels == ["cancel", "refund", "size", "track"] and result.n_train == 36
+    # LoRA is merged: the saved model is the base architecture, nothing of peft left
+    assert not any("lora" in k for k in load_file(str(out / "model.safetensors")))
+
+    init = load_for_classification(tiny_dir, result.labels)[0].state_dict()
+    saved = model.state_dict()
+    changed = {k for k in init if not k.startswith("classifier") and not torch.equal(init[k], saved[k])}
+    if strategy == "head":
+        assert changed <= {k for k in init if ".pooler." in k}
+    elif strategy == "top_k":
+        assert changed and all(".layer.1." in k or ".pooler." in k for k in changed)
+    elif strategy == "lora":  # adapters merged into attention projections only
+        assert changed and all(".attention." in k or ".pooler." in k for k in changed)
+    else:
+        assert any("embeddings" in k for k in changed)
+    history = json.loads((out / "metaloop.json").read_text())["history"]
+    assert history["train_loss"][-1] < history["train_loss"][0]
+    if strategy == "full":  # the tiny random encoder must move to separate the keywords
+        data = domain_data(table, "shop", params)
+        assert _train_acc(out, data.train) >= 0.75
+
+
+def test_prototype_head_starts_as_nearest_centroid(tiny_dir, table):
+    data = domain_data(table, "bank", AdaptParams())
+    model, tok = load_for_classification(tiny_dir, data.labels)
+    prototype_init(model, tok, data.train, data.labels, 32)
+    z = pooled_features(model, tok, data.train.texts, 32)
+    y = torch.tensor([data.labels.index(lab) for lab in data.train.labels])
+    centroids = torch.stack([z[y == k].mean(0) for k in range(len(data.labels))])
+    nearest = torch.cdist(z, centroids).argmin(-1)
+    with torch.no_grad():
+        from metaloop.adapt import encode
+
+        logits = model.eval()(**encode(tok, data.train.texts, 32)).logits
+    assert torch.equal(logits.argmax(-1), nearest)
+
+
+def test_meta_sgd_step_sizes_from_the_init_are_used(tmp_path, tiny_dir, table):
+    init = tmp_path / "init"
+    shutil.copytree(tiny_dir, init)
+    frozen = "encoder.layer.0.attention.self.query.weight"  # encoder (AutoModel) name, as meta-training saves it
+    moved = "encoder.layer.1.attention.self.query.weight"
+    save_file({frozen: torch.zeros(32, 32), moved: torch.full((32, 32), 0.05),
+               "head.weight": torch.full((32,), 0.05), "head.bias": torch.tensor(0.05)},
+              str(init / "meta_sgd_lrs.safetensors"))
+    data = domain_data(table, "shop", AdaptParams())
+    start = load_for_classification(init, data.labels)[0].state_dict()
+
+    with_lrs, _, hist = fit(init, data.train, data.labels, AdaptParams(**{**FAST, "epochs": 3}), max_length=32)
+    assert hist.learned_lrs == 4
+    after = with_lrs.state_dict()
+    assert torch.equal(after["bert." + frozen], start["bert." + frozen])  # step size 0: untouched
+    assert not torch.equal(after["bert." + moved], start["bert." + moved])
+
+    without, _, hist = fit(init, data.train, data.labels,
+                           AdaptParams(**{**FAST, "epochs": 3}, learned_lrs=False), max_length=32)
+    assert hist.learned_lrs == 0
+    assert not torch.equal(without.state_dict()["bert." + frozen], start["bert." + frozen])
+
+
+def test_early_stopping_uses_val_rows_or_a_holdout(table):
+    t = table.copy()
+    data = domain_data(t, "shop", AdaptParams(holdout_fraction=0.25, early_stopping_min_rows=8))
+    assert data.val_source == "train holdout" and len(data.val) == 8 and len(data.train) == 28
+    assert not set(data.val.texts) & set(data.train.texts) or len(set(data.train.texts)) < len(data.train)
+    assert domain_data(t, "shop", AdaptParams(early_stopping_min_rows=1000)).val is None
+    t.loc[(t.domain == "shop") & (t.index % 4 == 1), "split"] = "val"
+    data = domain_data(t, "shop", AdaptParams(early_stopping_min_rows=8))
+    assert data.val_source == "val split" and len(data.val) == 12
+
+
+def test_too_few_examples_names_domain_and_labels(table):
+    with pytest.raises(DataError) as err:
+        domain_data(table, "shop", AdaptParams(shots=20))
+    msg = str(err.value)
+    assert "'shop'" in msg and "cancel" in msg and "shots=20" in msg
+
+
+def test_labels_unknown_to_the_eval_set_name_them(table):
+    with pytest.raises(DataError) as err:
+        domain_data(table, "shop", AdaptParams(), eval_labels=["cancel", "refund", "size", "warranty"])
+    msg = str(err.value)
+    assert "'shop'" in msg and "track" in msg and "warranty" in msg
+
+
+def test_a_bad_domain_does_not_stop_the_others(tmp_path, tiny_dir, table):
+    params = AdaptParams(strategy="head", epochs=1, early_stopping_min_rows=1000)
+    outcome = adapt_domains(
+        tiny_dir, table, ["shop", "nowhere", "bank"], params, tmp_path,
+        eval_labels={"bank": ["card", "fee", "loan", "mortgage"]}, max_length=32,
+    )
+    assert set(outcome.results) == {"shop"}
+    assert set(outcome.errors) == {"nowhere", "bank"} and not outcome.ok
+    assert "mortgage" in outcome.errors["bank"] and "open" in outcome.errors["bank"]
+    assert (tmp_path / "shop" / "model.safetensors").is_file() and not (tmp_path / "bank").exists()
