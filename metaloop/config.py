@@ -37,7 +37,7 @@ class Columns(Strict):
     text: str = "text"
     label: str = "label"
     domain: str | None = "domain"
-    split: str | None = None
+    split: str | None = Field("split", description="Used when present; absent -> rows are hashed into splits.")
 
 
 class _SourceBase(Strict):

@@ -196,7 +196,7 @@ def _hf_records(src: HuggingFaceSource, where: str) -> list[tuple[int, dict]]:
     for split_name, part in parts:
         for i, rec in enumerate(part, start=1):
             # A DatasetDict's split names the split unless a column or constant does.
-            if split_name and src.columns.split is None and src.split is None:
+            if split_name and src.split is None and src.columns.split not in rec:
                 rec = {**rec, "__split__": split_name}
             out.append((i, rec))
     if not out:
@@ -235,9 +235,11 @@ def _map_columns(records: list[tuple[int, dict]], src: Source, name: str, file: 
         if cols.domain is None:
             raise DataError(f"{where}: give `domain:` (a constant) or `columns.domain:` (a column)")
         needed["domain"] = cols.domain
-    if cols.split:
-        needed["split"] = cols.split
     present = set().union(*(rec.keys() for _, rec in records[:1000]))
+    # A split column named explicitly must exist; the default name is used only if present.
+    if cols.split and ("split" in cols.model_fields_set or cols.split in present):
+        needed["split"] = cols.split
+    split_col = needed.get("split")
     if missing := {field: col for field, col in needed.items() if col not in present}:
         shown = ", ".join(f"{f} -> '{c}'" for f, c in missing.items())
         raise DataError(
@@ -249,7 +251,7 @@ def _map_columns(records: list[tuple[int, dict]], src: Source, name: str, file: 
             text=rec.get(cols.text),
             label=rec.get(cols.label),
             domain=src.domain if src.domain is not None else rec.get(cols.domain),
-            split=src.split if src.split is not None else rec.get(cols.split) if cols.split else rec.get("__split__"),
+            split=src.split if src.split is not None else rec.get(split_col) if split_col else rec.get("__split__"),
             source=name,
             row=n,
         )

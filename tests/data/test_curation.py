@@ -270,3 +270,13 @@ def test_one_undecodable_row_in_a_file_is_quarantined_not_fatal(tmp_path):
     curate(params_with(tmp_path, [{"kind": "file", "path": str(path), "columns": COLUMNS}]))
     q = pd.read_parquet(tmp_path / "curated" / QUARANTINE)
     assert q[["reason", "text", "row"]].values.tolist() == [["undecodable", "caf\\xe9 order", 26]]
+
+
+def test_a_split_column_is_used_by_default_and_an_explicit_one_must_exist(tmp_path):
+    rows = [{"text": r["utterance"], "label": r["intent"], "domain": r["area"], "split": r["part"]} for r in small_rows()]
+    path = write(tmp_path / "plain.jsonl", rows, "jsonl")
+    curate(params_with(tmp_path, [{"kind": "file", "path": str(path)}]))
+    table = pd.read_parquet(tmp_path / "curated" / CURATED)
+    assert (table["split"] == "test").sum() == 4  # the file's own splits, not hashed ones
+    with pytest.raises(DataError, match="split -> 'fold'"):
+        curate(params_with(tmp_path, [{"kind": "file", "path": str(path), "columns": {"split": "fold"}}]))

@@ -1,0 +1,279 @@
+"""The few-shot benchmark's core (bench/fewshot.py, metaloop/fewshot.py) on a tiny random BERT
+and a synthetic multi-domain JSONL file (no CLINC150 needed).
+
+Checks: the 95% CI (known t quantiles, a known data set); the frozen-centroid classifier is
+exact on classes an embedding separates (and is not with scrambled support labels); it is the
+ProtoNet classifier (same accuracy as `ProtoNet.evaluate`); fine-tuning leaves the source
+model untouched and lowers its loss; the harness curates, builds hashed episodes, runs every
+kind of method (baseline, supervised pretraining, a meta-learner via metaloop.train.run) on
+the identical episodes and writes the issue's JSON schema and a PNG; a changed episode list
+is refused.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import importlib.util
+import json
+import random
+import string
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from metaloop.episodes import Episode
+from metaloop.fewshot import (
+    EmbeddingCache,
+    FinetuneParams,
+    FrozenCentroid,
+    finetune_encoder,
+    mean_ci95,
+    t_quantile,
+)
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_fewshot", ROOT / "bench" / "fewshot.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_fewshot"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ---------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize("df,expected", [(1, 12.7062), (4, 2.7764), (9, 2.2622), (14, 2.1448), (100, 1.9840)])
+def test_t_quantile_matches_tables(df, expected):
+    assert t_quantile(0.975, df) == pytest.approx(expected, abs=2e-4)
+
+
+def test_mean_ci95_known_values():
+    s = mean_ci95([1.0, 2.0, 3.0, 4.0, 5.0])
+    # sd = sqrt(2.5), t(0.975, 4) = 2.7764 -> 2.7764 * 1.5811 / sqrt(5)
+    assert s.mean == 3.0 and s.n == 5
+    assert s.ci95 == pytest.approx(2.7764 * 2.5 ** 0.5 / 5 ** 0.5, rel=1e-4)
+    assert mean_ci95([7.0, 7.0, 7.0]).ci95 == 0.0
+    assert mean_ci95([42.0]).ci95 == 0.0
+
+
+# ---------------------------------------------------------------- frozen centroid
+
+
+class BagOfTokens(nn.Module):
+    """An 'encoder' whose embedding is the token histogram: it separates classes written with
+    disjoint letters."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, inputs):
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        hist = torch.zeros(ids.shape[0], self.vocab)
+        hist.scatter_add_(1, ids, mask.float())
+        return hist / mask.sum(1, keepdim=True)
+
+
+def _separable_episode(shots: int, scramble: bool = False) -> tuple[Episode, dict[str, str]]:
+    rng = random.Random(0)
+    letters = {0: "abcde", 1: "fghij", 2: "klmno", 3: "pqrst"}
+    texts, s_ids, s_y, q_ids, q_y = {}, [], [], [], []
+    for y, pool in letters.items():
+        for i in range(shots + 6):
+            rid = f"{y}-{i}"
+            texts[rid] = " ".join("".join(rng.choice(pool) for _ in range(rng.randint(3, 7))) for _ in range(3))
+            (s_ids if i < shots else q_ids).append(rid)
+            (s_y if i < shots else q_y).append(y)
+    if scramble:
+        s_y = s_y[shots:] + s_y[:shots]  # every support label moves to another class
+    ep = Episode("toy-0", "toy", ("a", "b", "c", "d"), tuple(s_ids), tuple(s_y), tuple(q_ids), tuple(q_y))
+    return ep, texts
+
+
+def test_frozen_centroid_is_exact_on_separable_classes(tiny):
+    _, tok = tiny
+    enc = BagOfTokens(len(tok.get_vocab()))
+    for shots in (1, 3):
+        ep, texts = _separable_episode(shots)
+        method = FrozenCentroid(EmbeddingCache(enc, tok, 32))
+        assert method.accuracy(ep, lambda ids, texts=texts: [texts[i] for i in ids]) == 1.0
+    bad, texts = _separable_episode(3, scramble=True)
+    assert FrozenCentroid(EmbeddingCache(enc, tok, 32)).accuracy(bad, lambda ids: [texts[i] for i in ids]) == 0.0
+
+
+def test_frozen_centroid_equals_protonet_and_caches(tiny, toy_episode_and_texts):
+    from metaloop.meta.algorithms import LearnerConfig, build_learner
+    from metaloop.meta.data import episode_batch
+
+    model, tok = tiny
+    ep, texts_of = toy_episode_and_texts
+    learner = build_learner(model, LearnerConfig(algorithm="protonet", pooling="mean")).eval()
+    cache = EmbeddingCache(learner.encoder, tok, 32)
+    ours = FrozenCentroid(cache).accuracy(ep, texts_of)
+    theirs = learner.evaluate(episode_batch(ep, texts_of, tok, 32)).acc
+    assert ours == pytest.approx(theirs, abs=1e-6)
+    assert len(cache) == len(set(ep.support_ids) | set(ep.query_ids))
+
+
+@pytest.fixture
+def toy_episode_and_texts():
+    """A 4-way 2-shot eval episode (the library's eval recipe) over keyword texts."""
+    import pandas as pd
+
+    from metaloop.episode_sets import eval_recipe
+    from metaloop.episodes import Pool
+
+    rng = random.Random(0)
+    keys = {"refund": "refund money back", "track": "where parcel track", "cancel": "cancel order stop",
+            "size": "size fit small"}
+    rows = [{"id": f"{lab}-{i}", "text": " ".join(rng.sample(k.split(), 2) + ["please", str(i)]), "label": lab,
+             "domain": "shop", "split": "test" if i % 3 == 0 else "train"}
+            for lab, k in keys.items() for i in range(6)]
+    pool = Pool(pd.DataFrame(rows))
+    return eval_recipe("shop", 2).sample(pool, 13, 0), pool.texts
+
+
+def test_finetune_trains_a_copy(tiny, toy_episode_and_texts):
+    model, tok = tiny
+    ep, texts_of = toy_episode_and_texts
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = FinetuneParams(epochs=15, lr=3e-3, head_lr=3e-2, batch_size=8, dropout=False)
+    enc, _, losses = finetune_encoder(model, tok, texts_of(ep.support_ids), ep.support_y, ep.ways, params,
+                                         max_length=32)
+    assert len(losses) == params.steps_for(len(ep.support_ids))
+    assert losses[-1] < losses[0]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed in the source model"
+    assert any(not torch.equal(p, before[n]) for n, p in enc.model.state_dict().items())
+
+
+def test_prototype_head_is_the_centroid_classifier_scaled():
+    from metaloop.fewshot import _head_from_prototypes, centroid_logits
+
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(12, 8, generator=g), torch.arange(4).repeat(3)
+    q = torch.randn(20, 8, generator=g)
+    ref = centroid_logits(z, y, 4, q)  # -||q - c||^2
+    for scale in (1.0, 0.1):
+        head = _head_from_prototypes(z, y, 4, True, scale)
+        with torch.no_grad():
+            # W q + b = scale * (-||q - c||^2 + ||q||^2): same ranking, logits scaled
+            expected = scale * (ref + (q * q).sum(-1, keepdim=True))
+            torch.testing.assert_close(head(q), expected, atol=1e-4, rtol=1e-4)
+            assert torch.equal(head(q).argmax(-1), ref.argmax(-1))
+
+
+# ---------------------------------------------------------------- the harness end to end
+
+
+def _synthetic_jsonl(path: Path) -> None:
+    """6 domains x 4 labels, keyword-separable; 12 train, 4 val, 4 test rows per label."""
+    rng = random.Random(1)
+    words = [w for w in ("".join(rng.choice(string.ascii_lowercase) for _ in range(5)) for _ in range(200))]
+    filler = ["please", "i", "need", "the", "my", "now", "help", "can", "you"]
+    rows = []
+    for d in range(6):
+        for lab in range(4):
+            keys = words[(d * 4 + lab) * 3 : (d * 4 + lab) * 3 + 3]
+            for i in range(20):
+                split = "train" if i < 12 else "val" if i < 16 else "test"
+                text = " ".join(rng.sample(keys, 2) + rng.sample(filler, 2))
+                rows.append({"text": f"{text} {i}", "label": f"l{lab}", "domain": f"dom{d}", "split": split})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_harness_runs_every_kind_of_method_on_identical_episodes(tmp_path, tiny_dir):
+    bench = _bench()
+    data = tmp_path / "synthetic.jsonl"
+    _synthetic_jsonl(data)
+    cfg, _ = bench.parse_args([
+        "--data", str(data), "--work-dir", str(tmp_path / "work"), "--params", str(tmp_path / "none.yaml"),
+        "--backbone", str(tiny_dir), "--max-length", "32", "--threads", "1",
+        "--targets", "dom4,dom5", "--meta-train", "dom0,dom1,dom2", "--meta-val", "dom3",
+        "--shots", "1,2", "--draws", "2",
+        "--methods", "frozen-centroid,finetune,supervised-pretrain,protonet",
+        "--meta-steps", "2", "--meta-batch", "2", "--meta-ways", "3", "--meta-shots", "2", "--meta-queries", "2",
+        "--val-every", "1", "--val-episodes", "2", "--meta-set", "checkpoint_every=1",
+        "--ft-epochs", "2", "--pretrain-steps", "3", "--meta-minutes", "5",
+    ])
+    cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"val_every": 2})})
+    report = bench.run_benchmark(cfg)
+    out = bench.to_json(report)
+
+    # the issue's schema
+    assert list(out)[:3] == ["target_domains", "eval_hash", "results"]
+    assert out["target_domains"] == ["dom4", "dom5"]
+    methods = ["frozen-centroid", "finetune", "supervised-pretrain", "protonet"]
+    assert [(r["method"], r["shots"]) for r in out["results"]] == [(m, k) for m in methods for k in (1, 2)]
+    for r in out["results"]:
+        assert set(r) == {"method", "shots", "accuracy", "ci95", "seconds"}
+        assert 0.0 <= r["accuracy"] <= 100.0 and r["ci95"] >= 0.0 and r["seconds"] >= 0.0
+    # identical, hashed episodes: 2 domains x 2 shot counts x 2 draws, all test rows as queries
+    assert {r.eval_hash for r in report.runs} == {out["eval_hash"]}
+    assert len(report.evalset.episodes) == 8 and out["episodes_per_shot"] == {"1": 4, "2": 4}
+    assert out["queries_by_domain"] == {"dom4": 16, "dom5": 16}
+    assert all(len(r.scores) == 8 for r in report.runs)
+    # target and meta-val domains never reach meta-training
+    from metaloop.episodes import read_manifest
+
+    seen = {e.domain for e in read_manifest(tmp_path / "work" / "episodes" / "meta_train.jsonl")}
+    assert seen <= {"dom0", "dom1", "dom2"}
+    assert {e.domain for e in read_manifest(tmp_path / "work" / "episodes" / "meta_val.jsonl")} == {"dom3"}
+    assert report.runs[3].info["steps"] == 2
+    # a second build of the episodes gives the same hash
+    params = bench.bench_params(cfg)
+    pool, _ = bench.curate_pool(params)
+    assert bench.build_eval_set(pool, params).hash == out["eval_hash"]
+    # --dev: the meta-val domain, its val split as queries (never a target, never test)
+    dev = bench.build_eval_set(pool, params, dev=True)
+    assert dev.domains == ["dom3"] and dev.split == "val" and dev.hash != out["eval_hash"]
+    assert all(pool.label[q] and q in set(pool.rows("dom3", "val", pool.label[q])) for q in dev.episodes[0].query_ids)
+    assert len(dev.episodes[0].query_ids) == 16
+
+    table = bench.format_table(report)
+    assert "frozen-centroid" in table and "protonet" in table and out["eval_hash"][:16] in table
+    png = tmp_path / "plot.png"
+    bench.plot(report, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a method handed other episodes is refused
+    changed = replace(report.evalset, episodes=report.evalset.episodes[:-1])
+    with pytest.raises(AssertionError, match="changed"):
+        bench.score("x", None, changed, pool, 0.0)
+
+
+def test_missing_data_exits_with_a_message(tmp_path, capsys):
+    bench = _bench()
+    assert bench.main(["--data", str(tmp_path / "absent.jsonl")]) == 2
+    assert "CLINC150 not found" in capsys.readouterr().err
+
+
+def test_meta_minutes_stops_training_and_still_exports(tmp_path, tiny_dir):
+    bench = _bench()
+    data = tmp_path / "synthetic.jsonl"
+    _synthetic_jsonl(data)
+    cfg, _ = bench.parse_args([
+        "--data", str(data), "--work-dir", str(tmp_path / "work"), "--params", str(tmp_path / "none.yaml"),
+        "--backbone", str(tiny_dir), "--max-length", "32", "--threads", "1",
+        "--targets", "dom5", "--meta-train", "dom0,dom1,dom2,dom3", "--meta-val", "dom4",
+        "--shots", "1", "--draws", "1", "--methods", "protonet",
+        "--meta-steps", "100000", "--meta-minutes", "0.005", "--meta-batch", "1", "--meta-ways", "2",
+        "--meta-shots", "1", "--meta-queries", "1", "--val-every", "5", "--val-episodes", "1",
+    ])
+    report = bench.run_benchmark(cfg)
+    info = report.runs[0].info
+    assert info["time_limited"] and 0 < info["steps"] < 100000
+    assert (Path(info["model_dir"]) / "config.json").is_file()  # the best step was exported
+    assert len(report.runs[0].scores) == 1
