@@ -56,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from metaloop.errors import ConfigError, DataError
+from metaloop.atomic import commit_dir, fresh_tmp, write_json  # noqa: F401 (re-exported)
 
 log = logging.getLogger("metaloop.adapt")
 
@@ -629,29 +630,6 @@ def fit(
 
 
 # ---------------------------------------------------------------- saving
-
-
-def write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-
-
-def commit_dir(tmp: Path, final: Path) -> None:
-    """Move a finished temporary folder into place, replacing an older one."""
-    if final.exists():
-        stale = final.with_name(f".stale-{final.name}-{os.getpid()}")
-        os.replace(final, stale)
-        os.replace(tmp, final)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-def fresh_tmp(final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
 
 
 def save_classifier(model: nn.Module, tokenizer, out_dir: str | Path, info: dict) -> Path:

@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import shutil
-import tempfile
 import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from metaloop.atomic import commit_dir, fresh_tmp
 from metaloop.config import Domains, Params
 from metaloop.errors import ConfigError, DataError
 from metaloop.sources import RawRow, read_source, source_fingerprint
@@ -269,17 +269,11 @@ _QUARANTINE_SCHEMA = pa.schema(
 
 def write_atomically(out_dir: Path, files: dict[str, callable]) -> None:
     """Write every file into a temporary sibling folder, then swap it in: all or nothing."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = fresh_tmp(out_dir)
     try:
         for name, write in files.items():
             write(tmp / name)
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        commit_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -24,6 +24,8 @@ import torch
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
+from metaloop.atomic import commit_dir, fresh_tmp
+
 LATEST = "latest.json"
 HEAD_CONFIG = "metaloop_head.json"
 META_SGD_LRS = "meta_sgd_lrs.safetensors"
@@ -36,24 +38,6 @@ def _write_json(path: Path, data) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    """Rename a finished temporary folder into place (replacing a stale one)."""
-    if final.exists():
-        stale = final.with_name(f".stale-{final.name}-{os.getpid()}")
-        os.replace(final, stale)
-        os.replace(tmp, final)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-def _fresh_tmp(root: Path, name: str) -> Path:
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
 
 
 class Checkpoints:
@@ -92,12 +76,12 @@ class Checkpoints:
     def save(self, step: int, learner: nn.Module, optimizer, state: dict, rng: list) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         name = f"step-{step:08d}"
-        tmp = _fresh_tmp(self.root, name)
+        tmp = fresh_tmp(self.root / name)
         save_model(learner, str(tmp / "weights.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(rng, tmp / "rng.pt")
         _write_json(tmp / "state.json", {**state, "step": step})
-        _commit(tmp, self.root / name)
+        commit_dir(tmp, self.root / name)
         _write_json(self.root / LATEST, {"step": step, "dir": name})
         self._prune(keep_best=state.get("best", {}) or {})
         return self.root / name
@@ -105,10 +89,10 @@ class Checkpoints:
     def save_best(self, step: int, learner: nn.Module, metrics: dict) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         name = f"best-{step:08d}"
-        tmp = _fresh_tmp(self.root, name)
+        tmp = fresh_tmp(self.root / name)
         save_model(learner, str(tmp / "weights.safetensors"))
         _write_json(tmp / "state.json", {**metrics, "step": step})
-        _commit(tmp, self.root / name)
+        commit_dir(tmp, self.root / name)
         return self.root / name
 
     def best(self, step: int | None) -> Path | None:
@@ -169,7 +153,7 @@ def export_model(learner, tokenizer, folder: str | Path, info: dict) -> Path:
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh_tmp(folder.parent, folder.name)
+    tmp = fresh_tmp(folder)
     model = learner.encoder.model
     extra = {}
     if hasattr(model, "peft_config"):
@@ -196,5 +180,5 @@ def export_model(learner, tokenizer, folder: str | Path, info: dict) -> Path:
         **info,
     }
     _write_json(tmp / HEAD_CONFIG, head)
-    _commit(tmp, folder)
+    commit_dir(tmp, folder)
     return folder

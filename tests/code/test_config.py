@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli
+from support import ROOT, run_cli
 from metaloop.config import Params, load_params, parse_params
 from metaloop.errors import ConfigError
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import run_cli, tiny_classifier
+from support import run_cli, tiny_classifier
 from metaloop.config import Promotion
 from tasks.registry import CHALLENGER, CHAMPION, _alias, list_models, log_classifier, promote, register_version, rollback
 from tasks.tracking import TAG, client, experiment_id, start_run
@@ -107,7 +107,7 @@ def test_champion_loads_in_a_fresh_process_and_predicts(mlflow_sqlite, tmp_path)
 def test_cli_models_promote_rollback(mlflow_sqlite, tmp_path):
     c = client()
     v1 = new_version(c, tmp_path, 90.0)
-    from conftest import ROOT
+    from support import ROOT
 
     params = str(ROOT / "params.yaml")
     out = run_cli("metaloop", "promote", "--params", params, "--domain", "hotel", cwd=tmp_path).stdout

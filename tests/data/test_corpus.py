@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import pytest
 
-from conftest import ROOT
+from support import ROOT
 from metaloop.config import PackagedSource
 from metaloop.curate import normalise
 from metaloop.sources import read_source

@@ -11,7 +11,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, run_cli
+from support import ROOT, run_cli
 from metaloop.config import Domains, parse_params
 from metaloop.curate import CURATED, QUARANTINE, STATS, CurationRules, clean, curate
 from metaloop.errors import ConfigError, DataError
@@ -235,7 +235,7 @@ def test_bad_files_fail_with_the_file_and_the_fix_and_leave_nothing(tmp_path, na
         curate(params)
     assert message in str(err.value) and name in str(err.value)
     assert not (tmp_path / "curated").exists()
-    assert not list(tmp_path.glob(".curated*"))  # no temporary leftovers
+    assert not list(tmp_path.glob(".*curated*"))  # no temporary leftovers
 
 
 def test_cli_bad_file_exits_2_and_keeps_previous_output(tmp_path):

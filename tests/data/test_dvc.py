@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import copy_project, run_cli
+from support import copy_project, run_cli
 
 
 def tree_digest(folder: Path) -> str:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT
+from support import ROOT
 from metaloop.config import parse_params
 from metaloop.curate import CURATED, curate
 from metaloop.episode_sets import EVAL, META_TRAIN, META_VAL, build_episodes, eval_recipe

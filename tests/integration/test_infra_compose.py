@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-from conftest import BIN, ROOT
+from support import BIN, ROOT
 
 INFRA = ROOT / "infra"
 COMPOSE_FILES = ["docker-compose.yml", "docker-compose.auth.yml", "docker-compose.gpu.yml"]

@@ -42,7 +42,7 @@ import httpx
 import psutil
 import pytest
 import yaml
-from conftest import BIN, ROOT, free_port, tiny_classifier
+from support import BIN, ROOT, free_port, tiny_classifier
 
 pytestmark = pytest.mark.slow
 

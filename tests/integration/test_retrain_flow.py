@@ -21,7 +21,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import BIN, ROOT
+from support import BIN, ROOT
 
 pytestmark = pytest.mark.slow
 TARGET = "hospitality"
