@@ -162,5 +162,9 @@ def publish_report_task(summary, c: MlflowClient) -> str:
     create_table_artifact(rows, key="retrain-domains", description="one row per target domain")
     if summary.parent_run_id:
         c.log_text(summary.parent_run_id, md, "report.md")
+        if any(not o.error for o in summary.domains):
+            from tasks.plots import domain_accuracy
+
+            c.log_figure(summary.parent_run_id, domain_accuracy(summary.domains), "plots/domain_accuracy.png")
         c.set_terminated(summary.parent_run_id, "FAILED" if summary.failed_domains() else "FINISHED")
     return md
