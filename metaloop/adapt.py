@@ -37,12 +37,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
