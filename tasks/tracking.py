@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,9 +30,37 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+class SerializedClient:
+    """An MlflowClient whose calls run one at a time.
+
+    SQLite (the embedded default) allows one writer; parallel domain tasks logging at once
+    can exceed its lock timeout ("database is locked") on a busy machine. Servers don't
+    need this, so only SQLite URIs get it.
+    """
+
+    _lock = threading.RLock()  # one per process, outside the instance: Prefect hashes task inputs
+
+    def __init__(self, inner: MlflowClient):
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "_inner":
+            raise AttributeError(name)
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return call
+
+
 def client() -> MlflowClient:
     uri = tracking_uri()
-    return MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    c = MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    return SerializedClient(c) if uri.startswith("sqlite:") else c
 
 
 def experiment_id(c: MlflowClient, name: str) -> str:
