@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -32,6 +33,9 @@ log = logging.getLogger("metaloop.compress")
 
 
 # ---------------------------------------------------------------- ONNX Runtime
+
+
+_EXPORT_LOCK = threading.Lock()
 
 
 def export_onnx(model: nn.Module, tokenizer, path: str | Path, opset: int = 17) -> list[str]:
@@ -55,7 +59,9 @@ def export_onnx(model: nn.Module, tokenizer, path: str | Path, opset: int = 17) 
             return self.inner(**dict(zip(names, xs))).logits
 
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        # torch.onnx.export keeps global state: two domains exporting at once from the flow's
+        # thread pool fail with "GLOBALS.in_onnx_export must be True". One at a time.
+        with _EXPORT_LOCK, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 Logits(model), args, str(path), input_names=names, output_names=["logits"],
