@@ -47,7 +47,7 @@ COMPRESS = {
         "small": ["distill", "prune", "trim_vocab", "int8"],
     },
     "distill": {"layers": 4, "epochs": 10, "lr": 1e-4, "alpha": 0.7, "augment": 1, "patience": 3},
-    "prune": {"heads_keep": 0.5, "ffn_keep": 0.5, "epochs": 4, "lr": 1e-4, "alpha": 0.7, "augment": 1},
+    "prune": {"heads_keep": 0.75, "ffn_keep": 0.5, "epochs": 5, "lr": 1e-4, "alpha": 0.7, "augment": 1},
     "trim_vocab": {"keep_chars": "ascii", "keep_frequent": 8000, "max_positions": 128},
     "int8": {"backend": "onnx", "per_channel": True, "optimize": True},
 }
@@ -220,15 +220,16 @@ def main(argv=None) -> int:
             row.update(p50_ms_batch1=round(t["p50_ms"], 3), throughput_batch32=round(32_000 / t["ms_batch"], 1))
             rows.append(row)
             print(fmt_table([row]).splitlines()[-1], flush=True)
+        if args.json:  # after every domain, so a long run's finished domains are never lost
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            meta = {"cpu": platform.processor() or platform.machine(), "threads": threads,
+                    "load_avg_during_timing": loads, "seq_len": args.seq_len, "rounds": args.rounds,
+                    "init": args.init, "adapt": adapt_params.model_dump(mode="json"),
+                    "compress": compress_params.model_dump(mode="json"),
+                    "minutes": round((time.time() - started) / 60, 1), "details": details}
+            args.json.write_text(json.dumps({"rows": rows, "meta": meta}, indent=2, default=str) + "\n")
     print()
     print(fmt_table(rows))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"cpu": platform.processor() or platform.machine(), "threads": threads,
-                "load_avg_during_timing": loads, "seq_len": args.seq_len, "rounds": args.rounds, "init": args.init,
-                "adapt": adapt_params.model_dump(mode="json"), "compress": compress_params.model_dump(mode="json"),
-                "minutes": round((time.time() - started) / 60, 1), "details": details}
-        args.json.write_text(json.dumps({"rows": rows, "meta": meta}, indent=2, default=str) + "\n")
     return 0
 
 

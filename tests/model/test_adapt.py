@@ -92,8 +92,12 @@ def test_each_strategy_writes_a_standalone_classifier(tmp_path, tiny_dir, table,
     # LoRA is merged: the saved model is the base architecture, nothing of peft left
     assert not any("lora" in k for k in load_file(str(out / "model.safetensors")))
 
-    init = load_for_classification(tiny_dir, result.labels)[0].state_dict()
+    start, tok = load_for_classification(tiny_dir, result.labels)
+    init = start.state_dict()
     saved = model.state_dict()
+    # the trained classifier is saved (for lora: peft's trained copy, not the frozen original)
+    prototype_init(start, tok, domain_data(table, "shop", params).train, result.labels, 32)
+    assert not torch.equal(saved["classifier.weight"], start.state_dict()["classifier.weight"])
     changed = {k for k in init if not k.startswith("classifier") and not torch.equal(init[k], saved[k])}
     if strategy == "head":
         assert changed <= {k for k in init if ".pooler." in k}
