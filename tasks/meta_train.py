@@ -107,9 +107,7 @@ def meta_train_task(params: Params, params_path: Path, c: MlflowClient, run_id: 
     if code != 0:
         raise MetaTrainingFailed(f"torchrun exited {code}; a retry resumes from the last checkpoint\n" + "\n".join(tail[-5:]))
     update_progress_artifact(progress, 100.0)
-    if metrics_file.is_file():
-        from tasks.plots import meta_curves
-
-        c.log_figure(run_id, meta_curves(metrics_file), "plots/meta_curves.png")
+    # No artifact uploads here: they go to the artifact store (S3), which may be down, and a
+    # failed upload must retry the upload, not an hour of training. register-meta does them.
     summary = json.loads((out / "summary.json").read_text())
     return MetaResult(model_dir=out / "model", summary=summary)

@@ -102,6 +102,11 @@ def register_meta_task(params: Params, data: DataVersion, fp: dict, c: MlflowCli
     s = meta.summary
     metrics = {"accuracy": 100 * s["best_val_acc"]} if s.get("best_val_acc") is not None else {}
     registry.upload_artifacts(c, runs["meta"], str(meta.model_dir), "meta_model")
+    metrics_file = Path(meta.model_dir).parent / "metrics.jsonl"
+    if metrics_file.is_file():
+        from tasks.plots import meta_curves
+
+        c.log_figure(runs["meta"], meta_curves(metrics_file), "plots/meta_curves.png")
     manifest = json.loads((Path(params.episodes.output_dir) / MANIFEST).read_text())
     name = registry.model_name(params.registry.prefix, "meta")
     version = registry.register_version(

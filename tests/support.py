@@ -24,6 +24,8 @@ os.environ.update(
     HF_DATASETS_OFFLINE="1",
     TOKENIZERS_PARALLELISM="false",
 )
+# Two busy cores start the ephemeral Prefect API slower than its 20 s default allows.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # Subprocesses (dvc, metaloop, torchrun) must find this venv's console scripts.
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
 
