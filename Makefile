@@ -38,4 +38,4 @@ lint: setup
 	$(VENV)/bin/ruff check metaloop tasks flows tests
 
 clean:
-	rm -rf data/curated data/episodes artifacts mlruns mlflow.db
+	rm -rf data/curated data/episodes artifacts mlruns mlartifacts mlflow.db

@@ -135,6 +135,7 @@ def run_flow(
     import time
 
     from flows.retrain import run
+    from metaloop.config import load_params
 
     start = time.perf_counter()
     summary = run(str(params), force)
@@ -147,6 +148,11 @@ def run_flow(
                 continue
             typer.echo(f"{d.domain:24s} {d.version or '-':>7s} {d.champion or '-':>8s} {d.metrics.get('accuracy', float('nan')):8.1f} "
                        f"{d.metrics.get('size_mb', float('nan')):8.1f}  {'promoted' if d.promoted else 'kept champion'}")
+    elif summary.status == "nothing changed":  # still show what is serving
+        from tasks.registry import list_models
+        from tasks.tracking import client
+
+        _echo_models(list_models(client(), load_params(params).registry.prefix))
     typer.echo(
         "\nDashboards:\n"
         "  MLflow:  mlflow ui --backend-store-uri sqlite:///mlflow.db   (then http://127.0.0.1:5000)\n"
@@ -208,12 +214,18 @@ def models(params: ParamsOpt = Path("params.yaml"), as_json: Annotated[bool, typ
     from metaloop.config import load_params
     from tasks.registry import as_json as to_json
     from tasks.registry import list_models
-    from tasks.tracking import TAG, client
+    from tasks.tracking import client
 
     rows = list_models(client(), load_params(params).registry.prefix)
     if as_json:
         typer.echo(to_json(rows))
         return
+    _echo_models(rows)
+
+
+def _echo_models(rows) -> None:
+    from tasks.tracking import TAG
+
     typer.echo(f"{'domain':24s} {'champion':>8s} {'challenger':>10s}  metrics")
     for r in rows:
         metrics = json.loads(r.tags.get(TAG + "metrics", "{}"))

@@ -15,7 +15,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from prefect import get_run_logger, task
 
-from metaloop.adapt import Examples, accuracy, adapt_domain, eval_labels_by_domain, load_for_classification, prototype_init
+from metaloop.adapt import Examples, adapt_domain, centroid_accuracy, eval_labels_by_domain
 from metaloop.compress import compress
 from metaloop.config import Params
 from metaloop.curate import CURATED
@@ -44,11 +44,6 @@ def _split(table: pd.DataFrame, domain: str, split: str) -> Examples:
     return Examples(rows["text"].tolist(), rows["label"].tolist())
 
 
-def accuracy_before(init: Path, train: Examples, test: Examples, labels: list[str], max_length: int) -> float:
-    """The init with a nearest-centroid head and no training: what adaptation starts from."""
-    model, tokenizer = load_for_classification(init, labels)
-    prototype_init(model, tokenizer, train, labels, max_length)
-    return 100.0 * accuracy(model, tokenizer, test, labels, max_length)[0]
 
 
 @task(name="adapt-compress-evaluate", task_run_name="adapt-{domain}")
@@ -72,10 +67,11 @@ def _adapt_compress_evaluate(domain, params: Params, init: Path, data, c, run, l
     train, test = _split(table, domain, "train"), _split(table, domain, "test")
     eval_hash = data.eval_hash_by_domain[domain]
 
-    before = accuracy_before(init, train, test, labels, max_length)
     out = Path(params.adapt.output_dir) / domain
     adapted = adapt_domain(init, table, domain, params.adapt, out / "fp32", eval_labels=labels,
-                           max_length=max_length, seed=seed)
+                           max_length=max_length, seed=seed)  # first: it checks the domain's labels
+    # Before adaptation: the init's own embedding (the one meta-training shapes) + centroids.
+    before = 100.0 * centroid_accuracy(init, train, test, labels, max_length, params.backbone.pooling)
     tracking.log_metrics(c, run, {"accuracy_before": before, **adapted.metrics()})
 
     def score(model_dir: Path, recipe: str) -> dict[str, float]:

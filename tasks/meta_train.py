@@ -84,7 +84,8 @@ def meta_train_task(params: Params, params_path: Path, c: MlflowClient, run_id: 
     metrics_file = out / "metrics.jsonl"
     last = _logged_until(c, run_id)
     progress = create_progress_artifact(progress=0.0, key="meta-training", description="meta-training steps done (%)")
-    env = {**os.environ, "OMP_NUM_THREADS": str(params.meta.threads_per_rank)}
+    # No tqdm bars: each redraw would become a Prefect log line.
+    env = {**os.environ, "OMP_NUM_THREADS": str(params.meta.threads_per_rank), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     cmd = torchrun_command(params, params_path)
     logger.info("launching: %s", " ".join(cmd))
     monitor = SystemMetricsMonitor(run_id, sampling_interval=5, samples_before_logging=1)

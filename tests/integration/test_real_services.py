@@ -463,6 +463,7 @@ def project(tmp_path_factory) -> Path:
               "nproc": 1, "meta_batch_size": 2},
         adapt={"epochs": 1},
         compress={"recipes": {}},
+        registry={**yaml.safe_load((ROOT / "params.yaml").read_text())["registry"], "recipe": "fp32"},
     )
     subprocess.run(["git", "add", "-A"], cwd=root, check=True)
     subprocess.run(["git", "commit", "-qm", "init"], cwd=root, check=True)

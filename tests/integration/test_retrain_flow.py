@@ -121,6 +121,8 @@ def test_2_second_run_skips(project):
     proc = metaloop_run(project)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "nothing changed" in proc.stdout
+    # ...and still shows what serves: the champions table.
+    assert any(ln.split()[:2] == [TARGET, "1"] for ln in proc.stdout.splitlines()), proc.stdout[-2000:]
     assert alias(client(project), f"metaloop-{TARGET}", "champion") == "1"
     assert len(client(project).search_model_versions(f"name = 'metaloop-{TARGET}'")) == 1
 

@@ -24,6 +24,7 @@ from metaloop.adapt import (
     Examples,
     adapt_domain,
     adapt_domains,
+    centroid_accuracy,
     domain_data,
     fit,
     load_for_classification,
@@ -127,6 +128,18 @@ def test_prototype_head_starts_as_nearest_centroid(tiny_dir, table):
 
         logits = model.eval()(**encode(tok, data.train.texts, 32)).logits
     assert torch.equal(logits.argmax(-1), nearest)
+
+
+def test_centroid_accuracy_is_the_mean_pooled_nearest_centroid(tiny_dir, table):
+    """Each training row is its own class: its centroid is itself, so it is always nearest
+    (distinct texts, distinct embeddings). Rotate the test labels and every prediction is wrong."""
+    data = domain_data(table, "bank", AdaptParams())
+    rows = data.train.texts[:6]
+    labels = [f"c{i}" for i in range(len(rows))]
+    own = Examples(rows, labels)
+    assert centroid_accuracy(tiny_dir, own, own, labels, 32) == 1.0
+    shifted = Examples(rows, labels[1:] + labels[:1])
+    assert centroid_accuracy(tiny_dir, own, shifted, labels, 32) == 0.0
 
 
 def test_meta_sgd_step_sizes_from_the_init_are_used(tmp_path, tiny_dir, table):
