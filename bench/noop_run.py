@@ -5,10 +5,10 @@
     python bench/noop_run.py --project DIR --repeats 5 --json bench/results/noop.json
 
 Each repeat is a fresh `metaloop run` process, as cron or a user would start it: Python
-imports, Prefect's ephemeral API, `dvc repro` (both stages up to date), the fingerprint and
-the comparison with the champions' tags in MLflow. Phases come from the Prefect log lines'
-timestamps. A repeat that does anything but "nothing changed" is an error: the numbers
-would not be about the no-op path.
+and its imports, `dvc status`, the fingerprint, the comparison with the champions' tags in
+MLflow and the champions table (the CLI checks before it starts Prefect's API; see
+docs/pipeline.md). A repeat that does anything but "nothing changed" is an error: the
+numbers would not be about the no-op path.
 """
 
 from __future__ import annotations
@@ -21,23 +21,11 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAMP = re.compile(r"^(\d\d):(\d\d):(\d\d)\.(\d\d\d) \| \w+ +\| (.*)$")
-# (phase name, regex on a log message that marks its end)
-MARKS = [
-    ("imports + Prefect API up", r"Beginning flow run"),
-    ("dvc repro (up to date)", r"\(stages run: "),
-    ("fingerprint + champions' tags", r"nothing changed since the current champions"),
-]
-
-
-def _seconds(match: re.Match, day: datetime) -> float:
-    h, m, s, ms = (int(g) for g in match.groups()[:4])
-    return day.replace(hour=h, minute=m, second=s, microsecond=1000 * ms).timestamp()
+CHECK = re.compile(r"retrain: nothing changed .* in ([0-9.]+) s")
 
 
 def one_run(project: Path, params: str) -> dict:
@@ -54,19 +42,9 @@ def one_run(project: Path, params: str) -> dict:
         raise SystemExit(f"`metaloop run` in {project} did not take the no-op path (exit {proc.returncode}). "
                          "Run `make run` there first so champions exist, and leave data, params and code "
                          "unchanged.\n" + out[-2000:])
-    day = datetime.fromtimestamp(start)
-    phases, last, seen = {}, start, set()
-    for line in out.splitlines():
-        m = STAMP.match(line.strip())
-        if not m:
-            continue
-        for name, pattern in MARKS:
-            if name not in seen and re.search(pattern, m.group(5)):
-                t = _seconds(m, day)
-                phases[name], last = round(t - last, 2), t
-                seen.add(name)
-                break
-    phases["summary + exit"] = round(start + total - last, 2)
+    check = float(CHECK.search(out).group(1))
+    phases = {"interpreter + CLI start": round(total - check, 2),
+              "params, dvc status, registry, table": round(check, 2)}
     return {"seconds": round(total, 2), "phases": phases}
 
 

@@ -44,78 +44,23 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from metaloop.errors import ConfigError, DataError
+from metaloop.stage_params import AdaptParams, Strict  # noqa: F401 (re-exported)
 from metaloop.atomic import commit_dir, fresh_tmp, write_json  # noqa: F401 (re-exported)
 
 log = logging.getLogger("metaloop.adapt")
 
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 SIDECAR = "metaloop.json"  # how a model folder was made (adaptation, compression steps)
 LEARNED_LRS = ("meta_sgd_lrs.safetensors", "inner_lrs.safetensors")
 LORA_ADAPTER = "lora_adapter"
 HEAD_KEYS = ("head.weight", "head.bias")
-
-
-class Strict(BaseModel):
-    """The contract of `metaloop.config.Strict` (unknown keys are errors; frozen).
-
-    Defined here, not imported: `metaloop.config` imports this module to put `AdaptParams`
-    and `CompressParams` into `Params`, so importing config from here would be a cycle.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class AdaptParams(Strict):
-    """How each target domain's classifier is adapted from the initialisation."""
-
-    strategy: Literal["full", "top_k", "head", "lora"] = Field("full", description="Which weights train.")
-    top_k: PositiveInt = Field(2, description="Transformer layers trained when strategy=top_k.")
-    lora_rank: PositiveInt = 8
-    lora_alpha: PositiveFloat | None = Field(None, description="LoRA scaling numerator; default 2 * rank.")
-    lora_targets: list[str] | None = Field(None, description="Module names for LoRA; default: peft's for the model.")
-    shots: PositiveInt | None = Field(
-        None, description="Train on this many rows per label (drawn with the seed); null = every train row."
-    )
-    # Tuned on CLINC150 train/val rows and the packaged corpus (docs/compression.md): the
-    # classifier pools through BERT's [CLS] pooler, which the mean-pooling encoder never
-    # trained, so it needs ~10 epochs at these rates; 3 epochs ends below the centroid.
-    epochs: PositiveInt = 10
-    batch_size: PositiveInt = 32
-    lr: PositiveFloat = Field(8e-5, description="AdamW learning rate of encoder weights (full, top_k).")
-    lora_lr: PositiveFloat = Field(1e-3, description="AdamW learning rate of LoRA adapters.")
-    head_lr: PositiveFloat = Field(2e-3, description="AdamW learning rate of the pooler and classifier.")
-    weight_decay: Annotated[float, Field(ge=0)] = 0.01
-    warmup: Fraction = Field(0.1, description="Share of steps with linear warm-up; then linear decay.")
-    prototype_head: bool = Field(True, description="Initialise the classifier from class centroids.")
-    learned_lrs: bool = Field(True, description="Use the init's Meta-SGD step sizes when it carries them.")
-    learned_lr_scale: PositiveFloat = 1.0
-    holdout_fraction: Fraction = Field(
-        0.1, description="Share of train rows held out for early stopping when the domain has no val rows."
-    )
-    early_stopping_min_rows: PositiveInt = Field(
-        30, description="Early-stop only when the held-out slice has at least this many rows."
-    )
-    patience: PositiveInt = Field(2, description="Epochs without held-out improvement before stopping.")
-    threads: PositiveInt | None = Field(None, description="torch CPU threads while adapting (null: leave as is).")
-    output_dir: Path = Path("artifacts/adapted")
-
-    @model_validator(mode="after")
-    def _check(self) -> AdaptParams:
-        if self.lora_targets is not None and not self.lora_targets:
-            raise ValueError("lora_targets must name at least one module, or be null for peft's default")
-        return self
 
 
 # ---------------------------------------------------------------- data

@@ -134,10 +134,25 @@ def run_flow(
     """Run the retrain flow (curate -> episodes -> meta-train -> adapt/compress -> promote)."""
     import time
 
-    from flows.retrain import run
     from metaloop.config import load_params
 
     start = time.perf_counter()
+    if not force:
+        # Answer "nothing changed" before starting Prefect's API (most of a no-op run's
+        # time); anything else, or anything uncertain, is left to the flow's own check.
+        from tasks.registry import list_models
+        from tasks.skip import nothing_changed
+        from tasks.tracking import client
+
+        resolved = load_params(params)
+        if nothing_changed(resolved):
+            typer.echo(f"retrain: nothing changed (data, params and code equal the champions'; --force retrains) "
+                       f"in {time.perf_counter() - start:.1f} s")
+            _echo_models(list_models(client(), resolved.registry.prefix))
+            return
+
+    from flows.retrain import run
+
     summary = run(str(params), force)
     typer.echo(f"\nretrain: {summary.status} in {time.perf_counter() - start:.0f} s")
     if summary.domains:

@@ -14,19 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from metaloop.errors import ConfigError
-
-PositiveInt = Annotated[int, Field(gt=0)]
-Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
-
-
-class Strict(BaseModel):
-    """Base for every section: unknown keys are errors, not silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+from metaloop.stage_params import AdaptParams, CompressParams, Fraction, PositiveInt, Strict
 
 # ---------------------------------------------------------------- sources
 
@@ -252,12 +243,6 @@ class FlowSettings(Strict):
     cron: str = Field("0 2 * * *", description="When `metaloop serve` retrains.")
     timezone: str = "UTC"
     watch_every_minutes: PositiveInt = Field(15, description="`metaloop serve --watch`: how often to check the sources.")
-
-
-# Adaptation and compression settings live beside their code; imported here (after
-# `Strict` exists) so that params.yaml is still validated as one tree.
-from metaloop.adapt import AdaptParams  # noqa: E402
-from metaloop.compress import CompressParams  # noqa: E402
 
 
 class Params(Strict):

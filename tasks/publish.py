@@ -3,7 +3,6 @@ and the report (Prefect artifacts + MLflow artifact)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -13,50 +12,27 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.tasks import exponential_backoff
 
-import flows as flows_pkg
-import metaloop
-import tasks as tasks_pkg
 from metaloop.config import Params
 from metaloop.curate import CURATED, QUARANTINE, STATS
 from metaloop.episode_sets import MANIFEST
 from metaloop.promotion import Beats, NoNaN
-from tasks import registry, tracking
+from tasks import registry, skip, tracking
 from tasks.data import DataVersion
 from tasks.domain import DomainOutcome
 from tasks.tracking import TAG
 
 IO_RETRIES = dict(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
-FINGERPRINT_KEYS = ("data_hash", "params_hash", "code_version")
-
-
-def code_version() -> str:
-    """Hash of the library, tasks and flows sources: what decides whether code changed."""
-    h = hashlib.sha256()
-    for pkg in (metaloop, tasks_pkg, flows_pkg):
-        root = Path(pkg.__file__).parent
-        for f in sorted(root.rglob("*.py")):
-            h.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 @task(name="fingerprint")
 def fingerprint_task(params: Params, data: DataVersion) -> dict[str, str]:
-    return {"data_hash": data.data_hash, "params_hash": tracking.params_hash(params), "code_version": code_version()}
-
-
-def _models(params: Params) -> list[str]:
-    return [registry.model_name(params.registry.prefix, d) for d in ["meta", *sorted(params.domains.target)]]
+    return skip.fingerprint(params, data.data_hash)
 
 
 @task(name="unchanged-since-champions", **IO_RETRIES)
 def unchanged_task(params: Params, fp: dict[str, str]) -> bool:
     """True when every model's champion (or the challenger that lost to it) has this fingerprint."""
-    c = tracking.client()
-    for name in _models(params):
-        versions = [v for v in (registry._alias(c, name, registry.CHAMPION), registry._alias(c, name, registry.CHALLENGER)) if v]
-        if not any(all(c.get_model_version(name, v).tags.get(TAG + k) == fp[k] for k in FINGERPRINT_KEYS) for v in versions):
-            return False
-    return True
+    return skip.unchanged(params, fp)
 
 
 @task(name="open-mlflow-runs", **IO_RETRIES)

@@ -26,13 +26,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
 
-from metaloop.adapt import Examples, Strict, predict_logits, torch_threads
+from metaloop.adapt import Examples, predict_logits, torch_threads
 from metaloop.compress.runtime import (
     Classifier,
     OnnxClassifier,
@@ -45,11 +43,16 @@ from metaloop.compress.runtime import (
 )
 from metaloop.errors import ConfigError
 
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-Share = Annotated[float, Field(gt=0.0, le=1.0)]
-Step = Literal["distill", "prune", "trim_vocab", "int8"]
-STEPS = ("distill", "prune", "trim_vocab", "int8")
+from metaloop.stage_params import (  # noqa: F401 (re-exported: the settings live torch-free)
+    STEPS,
+    CompressParams,
+    DistillParams,
+    Int8Params,
+    KDTraining,
+    PruneParams,
+    Step,
+    VocabParams,
+)
 
 __all__ = [
     "Classifier",
@@ -65,96 +68,6 @@ __all__ = [
     "compress_recipes",
     "load_classifier",
 ]
-
-
-class KDTraining(Strict):
-    epochs: PositiveInt = 10
-    batch_size: PositiveInt = 32
-    lr: PositiveFloat = 1e-4
-    temperature: PositiveFloat = 2.0
-    alpha: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
-        0.5, description="Weight of the distillation term; 1 - alpha weighs the labels' cross-entropy."
-    )
-    hidden_weight: Annotated[float, Field(ge=0.0)] = Field(
-        0.0, description="Weight of the MSE between each student layer and the teacher layer it came from."
-    )
-    augment: Annotated[int, Field(ge=0)] = Field(
-        0, description="Noisy copies (words dropped/masked) of each text per epoch, scored by the teacher."
-    )
-    patience: PositiveInt = 3
-
-
-class DistillParams(KDTraining):
-    layers: PositiveInt | list[Annotated[int, Field(ge=0)]] = Field(
-        3, description="Student depth (teacher layers spread evenly, last included) or the teacher layer indices."
-    )
-
-
-class PruneParams(KDTraining):
-    heads_keep: Share = Field(0.5, description="Share of attention heads kept.")
-    ffn_keep: Share = Field(0.5, description="Share of FFN neurons kept.")
-    scope: Literal["global", "layer"] = Field(
-        "global", description="global: least important units anywhere (per-layer normalised); layer: same share per layer."
-    )
-    rounds: PositiveInt = Field(1, description="Prune in this many steps, recovering in between.")
-    epochs: PositiveInt = Field(4, description="Recovery epochs after each round.")
-
-
-class VocabParams(Strict):
-    keep_chars: Literal["all", "ascii", "seen"] = Field(
-        "ascii", description="Single-character tokens kept as fallback for unseen words."
-    )
-    keep_frequent: Annotated[int, Field(ge=0)] = Field(
-        0, description="Also keep the vocabulary's first N ordinary tokens (BERT's are its most frequent words)."
-    )
-    max_positions: PositiveInt | None = Field(None, description="Also keep only this many position embeddings.")
-
-
-class Int8Params(Strict):
-    backend: Literal["onnx", "torch"] = Field("onnx", description="onnx: ONNX Runtime int8; torch: torch.ao dynamic.")
-    per_channel: bool = True
-    optimize: bool = Field(True, description="Fuse attention/LayerNorm/GELU with onnxruntime's optimizer first.")
-
-
-class CompressParams(Strict):
-    """Named recipes (lists of steps) and each step's settings."""
-
-    recipes: dict[str, list[Step]] = Field(
-        default_factory=lambda: {"int8": ["int8"], "small": ["distill", "prune", "trim_vocab", "int8"]},
-        description="recipe name -> steps in order; `fp32` is reserved for the uncompressed model.",
-    )
-    distill: DistillParams = DistillParams()
-    prune: PruneParams = PruneParams()
-    trim_vocab: VocabParams = VocabParams()
-    int8: Int8Params = Int8Params()
-    agreement_min: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
-        0.0, description="Fail a recipe whose labels agree with the teacher's on less than this share of training texts."
-    )
-    threads: PositiveInt | None = None
-    output_dir: Path = Path("artifacts/compressed")
-
-    @field_validator("recipes")
-    @classmethod
-    def _recipes(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
-        for name, steps in v.items():
-            if name == "fp32":
-                raise ValueError("recipe name 'fp32' is reserved for the uncompressed adapted model")
-            if not steps:
-                raise ValueError(f"recipe {name!r} has no steps")
-            if "int8" in steps[:-1]:
-                raise ValueError(f"recipe {name!r}: int8 changes the storage format and must be the last step")
-        return v
-
-    def steps(self, recipe: str | Sequence[str]) -> list[str]:
-        if isinstance(recipe, str):
-            if recipe not in self.recipes:
-                raise ConfigError(f"compress: unknown recipe {recipe!r}; known: {', '.join(self.recipes)}")
-            return list(self.recipes[recipe])
-        steps = list(recipe)
-        bad = [s for s in steps if s not in STEPS]
-        if bad or "int8" in steps[:-1] or not steps:
-            raise ConfigError(f"compress: steps {steps} invalid; allowed {STEPS}, int8 last")
-        return steps
 
 
 @dataclass

@@ -124,6 +124,11 @@ def test_2_second_run_skips(project):
     # ...and still shows what serves: the champions table.
     assert any(ln.split()[:2] == [TARGET, "1"] for ln in proc.stdout.splitlines()), proc.stdout[-2000:]
     assert alias(client(project), f"metaloop-{TARGET}", "champion") == "1"
+    # The flow decides the same way on its own (a scheduled run has no CLI pre-check).
+    flow = subprocess.run([sys.executable, "-m", "flows.retrain"], cwd=project, env=env_for(project),
+                          capture_output=True, text=True, timeout=300)
+    assert flow.returncode == 0, flow.stdout[-3000:] + flow.stderr[-3000:]
+    assert "'status': 'nothing changed'" in flow.stdout, flow.stdout[-2000:]
     assert len(client(project).search_model_versions(f"name = 'metaloop-{TARGET}'")) == 1
 
 
