@@ -59,6 +59,44 @@ def copy_project(dest: Path, with_git: bool = True) -> Path:
     return dest
 
 
+def flow_project(root: Path, env: dict | None = None, dvc_remote: Path | None = None) -> Path:
+    """A throwaway git + DVC checkout that `metaloop run` works in: the library, tasks and
+    flows, dvc.yaml and params.yaml, and a tiny random backbone in `tiny/`. Edit params
+    with `params_edit`, then `commit_all`."""
+    root.mkdir(parents=True)
+    for name in ("metaloop", "tasks", "flows"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, root / name)
+    (root / "data" / "raw").mkdir(parents=True)
+    (root / "data" / "raw" / "README.md").write_text("raw\n")
+    cmds = [["git", "init", "-q"], ["git", "config", "user.email", "t@e.x"], ["git", "config", "user.name", "t"],
+            [str(BIN / "dvc"), "init", "-q"]]
+    if dvc_remote is not None:
+        cmds.append([str(BIN / "dvc"), "remote", "add", "-d", "local", str(dvc_remote)])
+    for cmd in cmds:
+        subprocess.run(cmd, cwd=root, check=True, env=env)
+    from metaloop.backbone import tiny_bert
+
+    tiny_bert(root / "tiny")
+    return root
+
+
+def params_edit(project: Path, **sections) -> None:
+    """Merge `sections` into the project's params.yaml (dict sections key by key)."""
+    import yaml
+
+    p = yaml.safe_load((project / "params.yaml").read_text())
+    for key, value in sections.items():
+        p[key] = {**p[key], **value} if isinstance(value, dict) and isinstance(p.get(key), dict) else value
+    (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def commit_all(root: Path) -> None:
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "commit", "-qm", "init"], cwd=root, check=True)
+
+
 def minilm_dir() -> Path:
     import importlib.util
 

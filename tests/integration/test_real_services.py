@@ -42,7 +42,7 @@ import httpx
 import psutil
 import pytest
 import yaml
-from support import BIN, ROOT, free_port, tiny_classifier
+from support import BIN, ROOT, commit_all, flow_project, free_port, params_edit, tiny_classifier
 
 pytestmark = pytest.mark.slow
 
@@ -426,30 +426,10 @@ def test_registry_against_the_server_with_artifacts_in_s3(mlflow_env, tmp_path):
 # ------------------------------------------------------------------ (2)+(3) the retrain flow
 
 
-def params_edit(project: Path, **sections) -> None:
-    p = yaml.safe_load((project / "params.yaml").read_text())
-    for key, value in sections.items():
-        p[key] = {**p[key], **value} if isinstance(value, dict) and isinstance(p.get(key), dict) else value
-    (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A throwaway checkout with no DVC remote configured: the environment supplies it."""
-    root = tmp_path_factory.mktemp("realflow") / "proj"
-    root.mkdir()
-    for name in ("metaloop", "tasks", "flows"):
-        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
-        shutil.copy(ROOT / name, root / name)
-    (root / "data" / "raw").mkdir(parents=True)
-    (root / "data" / "raw" / "README.md").write_text("raw\n")
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@e.x"], ["git", "config", "user.name", "t"],
-                [str(BIN / "dvc"), "init", "-q"]):
-        subprocess.run(cmd, cwd=root, check=True, env=base_env())
-    from metaloop.backbone import tiny_bert
-
-    tiny_bert(root / "tiny")
+    root = flow_project(tmp_path_factory.mktemp("realflow") / "proj", env=base_env())
     params_edit(
         root,
         sources=[{"kind": "packaged", "per_label": 12, "domains": [
@@ -463,10 +443,9 @@ def project(tmp_path_factory) -> Path:
               "nproc": 1, "meta_batch_size": 2},
         adapt={"epochs": 1},
         compress={"recipes": {}},
-        registry={**yaml.safe_load((ROOT / "params.yaml").read_text())["registry"], "recipe": "fp32"},
+        registry={"recipe": "fp32"},
     )
-    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
-    subprocess.run(["git", "commit", "-qm", "init"], cwd=root, check=True)
+    commit_all(root)
     return root
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,36 +20,16 @@ import psutil
 import pytest
 import yaml
 
-from support import BIN, ROOT
+from support import BIN, ROOT, commit_all, flow_project, params_edit
 
 pytestmark = pytest.mark.slow
 TARGET = "hospitality"
 
 
-def params_edit(project: Path, **sections) -> None:
-    p = yaml.safe_load((project / "params.yaml").read_text())
-    for key, value in sections.items():
-        p[key] = {**p[key], **value} if isinstance(value, dict) and isinstance(p.get(key), dict) else value
-    (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("flow") / "proj"
-    root.mkdir()
-    for name in ("metaloop", "tasks", "flows"):
-        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
-        shutil.copy(ROOT / name, root / name)
-    (root / "data" / "raw").mkdir(parents=True)
-    (root / "data" / "raw" / "README.md").write_text("raw\n")
-    env = {**os.environ}
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@e.x"], ["git", "config", "user.name", "t"],
-                [str(BIN / "dvc"), "init", "-q"], [str(BIN / "dvc"), "remote", "add", "-d", "local", str(root.parent / "remote")]):
-        subprocess.run(cmd, cwd=root, check=True, env=env)
-    from metaloop.backbone import tiny_bert
-
-    tiny_bert(root / "tiny")
+    base = tmp_path_factory.mktemp("flow")
+    root = flow_project(base / "proj", env={**os.environ}, dvc_remote=base / "remote")
     params_edit(
         root,
         sources=[{"kind": "packaged", "per_label": 16, "domains": [
@@ -65,8 +44,7 @@ def project(tmp_path_factory) -> Path:
         adapt={"epochs": 1},
         compress={"recipes": {"int8": ["int8"]}},
     )
-    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
-    subprocess.run(["git", "commit", "-qm", "init"], cwd=root, check=True)
+    commit_all(root)
     return root
 
 
