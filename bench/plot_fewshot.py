@@ -1,0 +1,71 @@
+"""Merge `bench/fewshot.py --json` files of separate invocations into one table and plot.
+
+    python bench/plot_fewshot.py bench/results/fewshot-*.json --plot docs/fewshot.png
+
+The benchmark may be run method by method (same --work-dir); this refuses to merge files
+whose evaluation episodes differ (`eval_hash`), so every line is scored on the same episodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def merge(paths: list[Path]) -> tuple[str, list[str], list[dict]]:
+    rows, hashes, domains = [], set(), []
+    for path in paths:
+        d = json.loads(path.read_text())
+        hashes.add(d["eval_hash"])
+        domains = d["target_domains"]
+        seen = {(r["method"], r["shots"]) for r in rows}
+        rows += [r for r in d["results"] if (r["method"], r["shots"]) not in seen]
+    if len(hashes) != 1:
+        raise SystemExit(f"refusing to merge: the files scored different episodes (eval hashes {sorted(hashes)})")
+    return hashes.pop(), domains, rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("json", nargs="+", type=Path)
+    ap.add_argument("--plot", type=Path, required=True)
+    args = ap.parse_args(argv)
+    eval_hash, domains, rows = merge(args.json)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    shots = sorted({r["shots"] for r in rows})
+    print(f"eval hash {eval_hash[:16]}; target domains {', '.join(domains)}")
+    print("| method | " + " | ".join(f"{k}-shot" for k in shots) + " |")
+    print("|---|" + "---|" * len(shots))
+    cell = {(r["method"], r["shots"]): r for r in rows}
+    for m in methods:
+        print(f"| {m} | " + " | ".join(f"{cell[m, k]['accuracy']:.2f} ± {cell[m, k]['ci95']:.2f}"
+                                      if (m, k) in cell else "-" for k in shots) + " |")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for i, m in enumerate(methods):
+        ks = [k for k in shots if (m, k) in cell]
+        shift = (i - (len(methods) - 1) / 2) * 0.1
+        ax.errorbar([k + shift for k in ks], [cell[m, k]["accuracy"] for k in ks],
+                    yerr=[cell[m, k]["ci95"] for k in ks], marker="o", ms=4, capsize=3, label=m)
+    ax.set_xticks(shots)
+    ax.set_ylim(max(0.0, min(r["accuracy"] for r in rows) - 15.0), 100.0)
+    ax.set_xlabel("shots per class (K)")
+    ax.set_ylabel("accuracy (%), 15-way")
+    ax.set_title(f"CLINC150 target domains: {', '.join(domains)}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.plot)
+    print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
