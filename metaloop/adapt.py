@@ -336,9 +336,10 @@ def centroid_accuracy(init: str | Path, train: Examples, test: Examples, labels:
             out.append(pool(model(**enc).last_hidden_state, enc["attention_mask"], pooling))
         return torch.cat(out)
 
-    z, y = embed(train.texts), torch.tensor([labels.index(lab) for lab in train.labels])
-    centroids = torch.stack([z[y == k].mean(0) for k in range(len(labels))])
-    pred = torch.cdist(embed(test.texts), centroids).argmin(-1)
+    from metaloop.meta.head import proto_logits, prototypes
+
+    y = torch.tensor([labels.index(lab) for lab in train.labels])
+    pred = proto_logits(embed(test.texts), prototypes(embed(train.texts), y, len(labels))).argmax(-1)
     truth = torch.tensor([labels.index(lab) for lab in test.labels])
     return float((pred == truth).float().mean())
 
