@@ -135,21 +135,19 @@ def run_flow(
     import time
 
     from metaloop.config import load_params
+    from tasks.registry import list_models
+    from tasks.skip import nothing_changed
+    from tasks.tracking import client
 
     start = time.perf_counter()
-    if not force:
-        # Answer "nothing changed" before starting Prefect's API (most of a no-op run's
-        # time); anything else, or anything uncertain, is left to the flow's own check.
-        from tasks.registry import list_models
-        from tasks.skip import nothing_changed
-        from tasks.tracking import client
-
-        resolved = load_params(params)
-        if nothing_changed(resolved):
-            typer.echo(f"retrain: nothing changed (data, params and code equal the champions'; --force retrains) "
-                       f"in {time.perf_counter() - start:.1f} s")
-            _echo_models(list_models(client(), resolved.registry.prefix))
-            return
+    resolved = load_params(params)
+    # Answer "nothing changed" before starting Prefect's API (most of a no-op run's time);
+    # anything else, or anything uncertain, is left to the flow, which checks again.
+    if not force and nothing_changed(resolved):
+        typer.echo(f"retrain: nothing changed (data, params and code equal the champions'; --force retrains) "
+                   f"in {time.perf_counter() - start:.1f} s")
+        _echo_models(list_models(client(), resolved.registry.prefix))
+        return
 
     from flows.retrain import run
 
@@ -163,11 +161,8 @@ def run_flow(
                 continue
             typer.echo(f"{d.domain:24s} {d.version or '-':>7s} {d.champion or '-':>8s} {d.metrics.get('accuracy', float('nan')):8.1f} "
                        f"{d.metrics.get('size_mb', float('nan')):8.1f}  {'promoted' if d.promoted else 'kept champion'}")
-    elif summary.status == "nothing changed":  # still show what is serving
-        from tasks.registry import list_models
-        from tasks.tracking import client
-
-        _echo_models(list_models(client(), load_params(params).registry.prefix))
+    elif summary.status == "nothing changed":  # the flow's own check; still show what is serving
+        _echo_models(list_models(client(), resolved.registry.prefix))
     typer.echo(
         "\nDashboards:\n"
         "  MLflow:  mlflow ui --backend-store-uri sqlite:///mlflow.db   (then http://127.0.0.1:5000)\n"

@@ -1,17 +1,13 @@
 """Data tasks: run the DVC stages (curate, episodes), push them, report their versions.
 
 DVC holds a repository lock and a parallel `dvc repro` fails with "Unable to acquire
-lock", so every DVC call in this process goes through one lock, and the flow calls
-these tasks sequentially. A stage whose deps and params are unchanged is skipped by DVC.
+lock", so every DVC call in this process goes through `tracking.dvc` (one lock), and the
+flow calls these tasks sequentially. A stage whose deps and params are unchanged is skipped by DVC.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +18,7 @@ from metaloop.config import Params
 from metaloop.curate import STATS
 from metaloop.episode_sets import MANIFEST
 from metaloop.errors import DataError
-from tasks.tracking import dvc_data_hash
-
-_DVC_LOCK = threading.Lock()
-
+from tasks.tracking import dvc, dvc_data_hash
 
 @dataclass
 class DataVersion:
@@ -36,16 +29,9 @@ class DataVersion:
     stages_run: list[str] = field(default_factory=list)
 
 
-def _dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    with _DVC_LOCK:
-        return subprocess.run([str(bin_dir / "dvc"), *args], cwd=cwd, capture_output=True, text=True, env=env)
-
-
 def repro(params: Params, root: Path = Path(".")) -> DataVersion:
     """`dvc repro` the data stages; a data or params error surfaces with the library's message."""
-    proc = _dvc("repro", cwd=root)
+    proc = dvc("repro", cwd=root)
     if proc.returncode != 0:
         # The stage's own stderr carries metaloop's message (file, row, fix); keep it whole.
         lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
@@ -63,7 +49,7 @@ def repro(params: Params, root: Path = Path(".")) -> DataVersion:
 
 
 def push(root: Path = Path("."), remote: str | None = None) -> None:
-    proc = _dvc("push", *(["-r", remote] if remote else []), cwd=root)
+    proc = dvc("push", *(["-r", remote] if remote else []), cwd=root)
     if proc.returncode != 0:
         raise OSError(f"dvc push failed (will retry): {proc.stderr.strip()[-800:]}")
 

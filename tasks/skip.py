@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import flows as flows_pkg
@@ -54,10 +51,7 @@ def unchanged(params: Params, fp: dict[str, str]) -> bool:
 
 def data_up_to_date(root: Path = Path(".")) -> bool:
     """`dvc status`: True when no stage would run (deps, params and outputs as in dvc.lock)."""
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run([str(bin_dir / "dvc"), "status", "--json"], cwd=root, capture_output=True, text=True,
-                          env=env, check=False)
+    proc = tracking.dvc("status", "--json", cwd=root)
     try:
         return proc.returncode == 0 and json.loads(proc.stdout or "null") == {}
     except json.JSONDecodeError:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Mapping
@@ -103,6 +104,19 @@ def git_commit(root: Path = Path(".")) -> str:
         return sha + ("-dirty" if dirty else "")
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "unknown"
+
+
+_DVC_LOCK = threading.Lock()
+
+
+def dvc(*args: str, cwd: Path = Path(".")) -> subprocess.CompletedProcess:
+    """Run this venv's `dvc`, one process at a time: DVC holds a repository lock and a
+    parallel call fails with "Unable to acquire lock"."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with _DVC_LOCK:
+        return subprocess.run([str(bin_dir / "dvc"), *args], cwd=cwd, capture_output=True, text=True, env=env,
+                              check=False)
 
 
 def dvc_data_hash(lock: Path = Path("dvc.lock")) -> str:
