@@ -320,12 +320,16 @@ def accuracy(model: nn.Module, tokenizer, data: Examples, labels: list[str], max
 
 @torch.no_grad()
 def centroid_accuracy(init: str | Path, train: Examples, test: Examples, labels: list[str], max_length: int,
-                      pooling: str = "mean") -> float:
+                      pooling: str = "mean", centroids=None) -> float:
     """Accuracy of the bare encoder with a nearest-centroid head over `train`: the embedding
-    meta-training optimises, before any adaptation (squared Euclidean, as ProtoNet)."""
+    meta-training optimises, before any adaptation. `centroids` (`metaloop.meta.head.Centroids`,
+    i.e. `params.meta.centroids()`) is the classifier meta-training used; default squared
+    Euclidean without class names, as the original ProtoNet."""
     from metaloop.backbone import load_backbone
+    from metaloop.meta.head import Centroids, label_text
     from metaloop.meta.pooling import pool
 
+    centroids = centroids or Centroids()
     model, tokenizer = load_backbone(str(init))
     model.eval()
 
@@ -336,10 +340,10 @@ def centroid_accuracy(init: str | Path, train: Examples, test: Examples, labels:
             out.append(pool(model(**enc).last_hidden_state, enc["attention_mask"], pooling))
         return torch.cat(out)
 
-    from metaloop.meta.head import proto_logits, prototypes
-
     y = torch.tensor([labels.index(lab) for lab in train.labels])
-    pred = proto_logits(embed(test.texts), prototypes(embed(train.texts), y, len(labels))).argmax(-1)
+    names = embed([label_text(n) for n in labels]) if centroids.uses_labels else None
+    protos = centroids.prototypes(embed(train.texts), y, len(labels), names)
+    pred = centroids.logits(embed(test.texts), protos).argmax(-1)
     truth = torch.tensor([labels.index(lab) for lab in test.labels])
     return float((pred == truth).float().mean())
 

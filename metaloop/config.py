@@ -127,8 +127,8 @@ class Domains(Strict):
 
 
 class Episodes(Strict):
-    ways: PositiveInt | tuple[PositiveInt, PositiveInt] = Field(
-        5, description="N per episode, or [min, max] to sample N per episode."
+    ways: PositiveInt | tuple[PositiveInt, PositiveInt] | Literal["all"] = Field(
+        5, description="N per episode, [min, max] to sample N per episode, or all: every label of the domain."
     )
     shots: PositiveInt = 5
     queries: PositiveInt = 5
@@ -140,18 +140,24 @@ class Episodes(Strict):
 
     @field_validator("ways")
     @classmethod
-    def _ways(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+    def _ways(cls, v: int | tuple[int, int] | str) -> int | tuple[int, int] | str:
+        if v == "all":
+            return v
         lo, hi = (v, v) if isinstance(v, int) else v
         if lo < 2 or hi < lo:
-            raise ValueError("ways must be >= 2, or [min, max] with 2 <= min <= max")
+            raise ValueError("ways must be >= 2, [min, max] with 2 <= min <= max, or all")
         return v
 
     @property
-    def max_ways(self) -> int:
-        return self.ways if isinstance(self.ways, int) else self.ways[1]
+    def n_ways(self) -> int | tuple[int, int] | None:
+        """`metaloop.episodes.NWays`' argument (None: every label of the domain)."""
+        return None if self.ways == "all" else self.ways
 
     @property
     def min_ways(self) -> int:
+        """The fewest labels a meta-train/meta-val domain needs."""
+        if self.ways == "all":
+            return 2
         return self.ways if isinstance(self.ways, int) else self.ways[0]
 
 
@@ -201,6 +207,19 @@ class Meta(Strict):
     activation_checkpointing: bool = Field(
         False, description="Recompute layer activations in the backward pass: less memory, ~1/3 more compute."
     )
+    metric: Literal["sqeuclidean", "cosine"] = Field(
+        "sqeuclidean", description="ProtoNet's distance to the prototypes (and every centroid score)."
+    )
+    scale: Annotated[float, Field(gt=0)] = Field(10.0, description="Cosine logits = scale * cos (a temperature).")
+    label_shots: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="The class name's embedding counts as this many support rows (0: names unused)."
+    )
+
+    def centroids(self):
+        """The nearest-prototype classifier these settings describe (`metaloop.meta.head.Centroids`)."""
+        from metaloop.meta.head import Centroids
+
+        return Centroids(self.metric, self.scale, self.label_shots)
 
 
 class Registry(Strict):

@@ -60,7 +60,7 @@ from metaloop.adapt import batches, linear_schedule
 from metaloop.episodes import Episode
 from metaloop.meta.data import episode_batch, tokenize
 from metaloop.meta.encoder import Encoder, adapt_names
-from metaloop.meta.head import proto_head, proto_logits, prototypes
+from metaloop.meta.head import Centroids, label_text, proto_head
 
 TextsOf = Callable[[Iterable[str]], list[str]]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -201,6 +201,12 @@ class EmbeddingCache:
                 self.encoder.train(was)
         return torch.stack([self._z[i] for i in ids])
 
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Embeddings of literal texts (e.g. class names), cached under the text itself."""
+        keys = [f"text:{t}" for t in texts]
+        by_key = dict(zip(keys, texts))
+        return self.embed(keys, lambda ks: [by_key[k] for k in ks])
+
     def __len__(self) -> int:
         return len(self._z)
 
@@ -208,24 +214,27 @@ class EmbeddingCache:
 def centroid_logits(support_z: torch.Tensor, support_y: torch.Tensor, ways: int, query_z: torch.Tensor,
                     metric: Literal["sqeuclidean", "cosine"] = "sqeuclidean") -> torch.Tensor:
     """Nearest-class-mean scores: ProtoNet's negative squared distance, or cosine similarity."""
-    if metric == "cosine":
-        support_z, query_z = F.normalize(support_z, dim=-1), F.normalize(query_z, dim=-1)
-        return query_z @ F.normalize(prototypes(support_z, support_y, ways), dim=-1).t()
-    if metric != "sqeuclidean":
-        raise ValueError(f"metric {metric!r}: allowed sqeuclidean, cosine")
-    return proto_logits(query_z, prototypes(support_z, support_y, ways))
+    c = Centroids(metric, scale=1.0)
+    return c.logits(query_z, c.prototypes(support_z, support_y, ways))
 
 
 class FrozenCentroid:
-    """No training: the class means of the support embeddings classify the queries."""
+    """No training: the class means of the support embeddings classify the queries.
 
-    def __init__(self, cache: EmbeddingCache, metric: Literal["sqeuclidean", "cosine"] = "sqeuclidean"):
-        self.cache, self.metric = cache, metric
+    `centroids` says how (metric; with `label_shots` > 0 the class names' embeddings join the
+    support rows); a metric name alone means that metric without names.
+    """
+
+    def __init__(self, cache: EmbeddingCache, centroids: Centroids | str = Centroids()):
+        self.cache = cache
+        self.centroids = Centroids(centroids) if isinstance(centroids, str) else centroids
 
     def accuracy(self, episode: Episode, texts_of: TextsOf) -> float:
+        c = self.centroids
         zs = self.cache.embed(episode.support_ids, texts_of)
         zq = self.cache.embed(episode.query_ids, texts_of)
-        logits = centroid_logits(zs, torch.tensor(episode.support_y), episode.ways, zq, self.metric)
+        label_z = self.cache.embed_texts([label_text(n) for n in episode.labels]) if c.uses_labels else None
+        logits = c.logits(zq, c.prototypes(zs, torch.tensor(episode.support_y), episode.ways, label_z))
         return float((logits.argmax(-1) == torch.tensor(episode.query_y)).float().mean())
 
 
@@ -363,14 +372,17 @@ class MetaLearnerMethod:
 
     def __init__(self, learner: nn.Module, tokenizer, *, max_length: int = 64):
         self.learner, self.tokenizer, self.max_length = learner, tokenizer, max_length
-        self._centroid = (FrozenCentroid(EmbeddingCache(learner.encoder, tokenizer, max_length))
+        self._centroid = (FrozenCentroid(EmbeddingCache(learner.encoder, tokenizer, max_length),
+                                         learner.cfg.centroids)
                           if getattr(learner, "name", "") == "protonet" else None)
 
     def accuracy(self, episode: Episode, texts_of: TextsOf) -> float:
         if self._centroid is not None:  # ProtoNet: no inner loop, the same math with cached embeddings
             return self._centroid.accuracy(episode, texts_of)
         self.learner.eval()
-        return float(self.learner.evaluate(episode_batch(episode, texts_of, self.tokenizer, self.max_length)).acc)
+        batch = episode_batch(episode, texts_of, self.tokenizer, self.max_length,
+                              label_names=self.learner.needs_label_names)
+        return float(self.learner.evaluate(batch).acc)
 
 
 # ---------------------------------------------------------------- supervised pretraining

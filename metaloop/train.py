@@ -185,7 +185,8 @@ def fingerprint(params: Params, files: list[Path]) -> str:
         "backbone": params.backbone.model_dump(mode="json"),
         "meta": m.model_dump(mode="json", include={
             "algorithm", "adapt", "top_k", "lora_rank", "lora_targets", "inner_steps", "inner_lr",
-            "outer_lr", "first_order", "meta_batch_size", "bf16", "max_grad_norm",
+            "outer_lr", "first_order", "meta_batch_size", "bf16", "max_grad_norm", "metric", "scale",
+            "label_shots",
         }),
         "data": {p.name: _sha256(p) for p in files if p.is_file()},
     }
@@ -266,8 +267,8 @@ def _train(params, ctx, out, texts, train_eps, val_eps, fp, resume, stop, on_ste
     D.broadcast_module(learner, ctx)
 
     stream = EpisodeStream(train_eps, params.seed)
-    make = lambda ep: episode_batch(ep, lambda ids: [texts[i] for i in ids], tokenizer,
-                                    params.backbone.max_length).to(ctx.device)
+    make = lambda ep: episode_batch(ep, lambda ids: [texts[i] for i in ids], tokenizer, params.backbone.max_length,
+                                    label_names=learner.needs_label_names).to(ctx.device)
     amp = (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16)) if m.bf16 else contextlib.nullcontext
     metrics = _Metrics(out / "metrics.jsonl", main)
 

@@ -71,7 +71,8 @@ def _adapt_compress_evaluate(domain, params: Params, init: Path, data, c, run, l
     adapted = adapt_domain(init, table, domain, params.adapt, out / "fp32", eval_labels=labels,
                            max_length=max_length, seed=seed)  # first: it checks the domain's labels
     # Before adaptation: the init's own embedding (the one meta-training shapes) + centroids.
-    before = 100.0 * centroid_accuracy(init, train, test, labels, max_length, params.backbone.pooling)
+    before = 100.0 * centroid_accuracy(init, train, test, labels, max_length, params.backbone.pooling,
+                                       params.meta.centroids())
     tracking.log_metrics(c, run, {"accuracy_before": before, **adapted.metrics()})
 
     def score(model_dir: Path, recipe: str) -> dict[str, float]:

@@ -33,7 +33,7 @@ from torch import nn
 from metaloop.errors import ConfigError
 from metaloop.meta.data import EpisodeBatch
 from metaloop.meta.encoder import Encoder, adapt_names, add_lora
-from metaloop.meta.head import proto_logits, prototypes
+from metaloop.meta.head import Centroids
 from metaloop.meta.inner import HEAD_KEYS, Adapted, inner_loop, query_logits
 
 
@@ -49,6 +49,7 @@ class LearnerConfig:
     lora_rank: int = 8
     lora_targets: tuple[str, ...] | None = None
     checkpointing: bool = False  # activation checkpointing, layer by layer
+    centroids: Centroids = Centroids()  # ProtoNet's classifier (metric, scale, label_shots)
 
     @classmethod
     def from_params(cls, meta, backbone) -> LearnerConfig:
@@ -58,6 +59,7 @@ class LearnerConfig:
             inner_lr=meta.inner_lr, first_order=meta.first_order, pooling=backbone.pooling,
             lora_rank=meta.lora_rank, lora_targets=tuple(targets) if targets else None,
             checkpointing=meta.activation_checkpointing,
+            centroids=Centroids(meta.metric, meta.scale, meta.label_shots),
         )
 
 
@@ -89,6 +91,11 @@ class MetaLearner(nn.Module):
         encoder.checkpointing = cfg.checkpointing and not self.checkpoint_steps
 
     # ---- pieces
+    @property
+    def needs_label_names(self) -> bool:
+        """Whether episode batches must carry the class names (`episode_batch(label_names=True)`)."""
+        return False
+
     @property
     def second_order(self) -> bool:
         return not self.cfg.first_order
@@ -215,14 +222,27 @@ class Reptile(MetaLearner):
 
 
 class ProtoNet(MetaLearner):
-    """Prototypical Networks (Snell et al., 2017): no inner loop; squared Euclidean prototypes."""
+    """Prototypical Networks (Snell et al., 2017): no inner loop; a nearest-prototype classifier.
+
+    The classifier is `cfg.centroids`: squared Euclidean (the paper's) or scaled cosine, and
+    optionally the class names' embeddings as extra support rows (`label_shots`), which the
+    encoder then learns to place among their classes' utterances.
+    """
 
     name = "protonet"
     scope_override = "head"
 
+    @property
+    def needs_label_names(self) -> bool:
+        return self.cfg.centroids.uses_labels
+
     def meta_loss(self, batch: EpisodeBatch) -> Outcome:
-        protos = prototypes(self.encoder(batch.support), batch.support_y, batch.ways)
-        return _score(proto_logits(self.encoder(batch.query), protos), batch.query_y)
+        c = self.cfg.centroids
+        if c.uses_labels and batch.labels is None:
+            raise ConfigError("meta.label_shots > 0: build episode batches with label_names=True")
+        label_z = self.encoder(batch.labels) if c.uses_labels else None
+        protos = c.prototypes(self.encoder(batch.support), batch.support_y, batch.ways, label_z)
+        return _score(c.logits(self.encoder(batch.query), protos), batch.query_y)
 
     def evaluate(self, batch: EpisodeBatch) -> Outcome:
         with torch.no_grad():

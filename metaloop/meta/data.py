@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from metaloop.episodes import Episode
+from metaloop.meta.head import label_text
 
 Inputs = dict[str, torch.Tensor]
 
@@ -19,16 +20,18 @@ class EpisodeBatch:
     query: Inputs
     query_y: torch.Tensor
     ways: int
+    labels: Inputs | None = None  # the class names (`label_text`), when a classifier uses them
 
     def to(self, device: torch.device | str) -> EpisodeBatch:
-        move = lambda d: {k: v.to(device) for k, v in d.items()}
+        move = lambda d: None if d is None else {k: v.to(device) for k, v in d.items()}
         return EpisodeBatch(move(self.support), self.support_y.to(device), move(self.query),
-                            self.query_y.to(device), self.ways)
+                            self.query_y.to(device), self.ways, move(self.labels))
 
     @property
     def tokens(self) -> int:
         """Real (non-padding) tokens in the episode, for FLOP accounting."""
-        return int(self.support["attention_mask"].sum() + self.query["attention_mask"].sum())
+        sets = [self.support, self.query] + ([self.labels] if self.labels is not None else [])
+        return int(sum(s["attention_mask"].sum() for s in sets))
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int, padding: str = "longest") -> Inputs:
@@ -42,11 +45,13 @@ def episode_batch(
     tokenizer,
     max_length: int,
     padding: str = "longest",
+    label_names: bool = False,
 ) -> EpisodeBatch:
     """Tokenize an `Episode`; `texts` maps row ids to texts (e.g. `Pool.texts`).
 
     padding="longest" pads each set to its longest text (dynamic padding);
-    "max_length" pads everything to `max_length`.
+    "max_length" pads everything to `max_length`. label_names=True also tokenizes the class
+    names (`episode.labels` through `label_text`), for classifiers with `label_shots` > 0.
     """
     return EpisodeBatch(
         support=tokenize(tokenizer, texts(episode.support_ids), max_length, padding),
@@ -54,4 +59,6 @@ def episode_batch(
         query=tokenize(tokenizer, texts(episode.query_ids), max_length, padding),
         query_y=torch.tensor(episode.query_y, dtype=torch.long),
         ways=episode.ways,
+        labels=tokenize(tokenizer, [label_text(n) for n in episode.labels], max_length, padding)
+        if label_names else None,
     )

@@ -27,11 +27,14 @@ def test_shipped_params_load():
         (lambda p: p["episodes"].update(shots=0), "episodes.shots", "greater than 0"),
         (lambda p: p["episodes"].update(shots="five"), "episodes.shots", "integer"),
         (lambda p: p["episodes"].update(ways=[6, 3]), "episodes.ways", "min <= max"),
+        (lambda p: p["episodes"].update(ways="every"), "episodes.ways", "'all'"),
         (lambda p: p["curation"].update(maxchars=10), "curation.maxchars", "unknown key"),
         (lambda p: p.update(surprise=1), "surprise", "unknown key"),
         (lambda p: p["curation"].update(test_fraction=0.7, val_fraction=0.4), "curation", "must be < 1"),
         (lambda p: p["sources"].append({"kind": "ftp"}), "sources.1", "allowed: packaged, file, huggingface, s3"),
         (lambda p: p["sources"].append({"kind": "s3", "uri": "bucket/key"}), "sources.1.s3.uri", "s3://bucket/key"),
+        (lambda p: p["meta"].update(metric="manhattan"), "meta.metric", "'sqeuclidean' or 'cosine'"),
+        (lambda p: p["meta"].update(label_shots=-1), "meta.label_shots", "greater than or equal to 0"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(edit, key, hint):

@@ -78,11 +78,11 @@ def tiny(tiny_dir):
 
 
 def _toy_batch(tokenizer, domain: str = "shop", ways: int = 3, shots: int = 2, queries: int = 2,
-              seed: int = 0, index: int = 0) -> EpisodeBatch:
+              seed: int = 0, index: int = 0, label_names: bool = False) -> EpisodeBatch:
     pool = Pool(toy_table())
     ep = Recipe([FromDomains([domain]), NWays(ways), KShots(shots, queries=queries), RemapLabels()]).sample(
         pool, seed, index)
-    return episode_batch(ep, pool.texts, tokenizer, max_length=32)
+    return episode_batch(ep, pool.texts, tokenizer, max_length=32, label_names=label_names)
 
 
 def _make_project(root: Path, tiny_dir: Path, **meta) -> Path:
@@ -127,7 +127,7 @@ def _subprocess_env() -> dict:
 
 @pytest.fixture
 def toy_batch():
-    """toy_batch(tokenizer, domain="shop", ways=3, shots=2, queries=2, seed=0, index=0) -> EpisodeBatch"""
+    """toy_batch(tokenizer, domain="shop", ways=3, shots=2, queries=2, seed=0, index=0, label_names=False)"""
     return _toy_batch
 
 

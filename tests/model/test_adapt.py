@@ -142,6 +142,21 @@ def test_centroid_accuracy_is_the_mean_pooled_nearest_centroid(tiny_dir, table):
     assert centroid_accuracy(tiny_dir, own, shifted, labels, 32) == 0.0
 
 
+def test_centroid_accuracy_uses_class_names_when_meta_training_did(tiny_dir, table):
+    """Name each class after one row's text and train on the rotated labels: the support alone is
+    always wrong, the names alone (label_shots overwhelming) always right."""
+    from metaloop.meta.head import Centroids, label_text
+
+    data = domain_data(table, "bank", AdaptParams())
+    rows = list(dict.fromkeys(label_text(t) for t in data.train.texts))[:6]
+    names = list(rows)
+    misleading = Examples(rows, names[1:] + names[:1])
+    truth = Examples(rows, names)
+    assert centroid_accuracy(tiny_dir, misleading, truth, names, 32) == 0.0
+    by_name = Centroids("cosine", label_shots=1e6)
+    assert centroid_accuracy(tiny_dir, misleading, truth, names, 32, centroids=by_name) == 1.0
+
+
 def test_meta_sgd_step_sizes_from_the_init_are_used(tmp_path, tiny_dir, table):
     init = tmp_path / "init"
     shutil.copytree(tiny_dir, init)
