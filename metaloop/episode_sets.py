@@ -26,7 +26,7 @@ META_TRAIN, META_VAL, EVAL, MANIFEST = "meta_train.jsonl", "meta_val.jsonl", "ev
 def meta_train_recipe(params: Params) -> Recipe:
     ep = params.episodes
     return Recipe(
-        [FromDomains(params.domains.meta_train), NWays(ep.ways), KShots(ep.shots, ep.queries), RemapLabels()],
+        [FromDomains(params.domains.meta_train), NWays(ep.n_ways), KShots(ep.shots, ep.queries), RemapLabels()],
         name="meta_train",
     )
 
@@ -34,7 +34,7 @@ def meta_train_recipe(params: Params) -> Recipe:
 def meta_val_recipe(params: Params) -> Recipe:
     ep = params.episodes
     return Recipe(
-        [FromDomains(params.domains.meta_val), NWays(ep.ways),
+        [FromDomains(params.domains.meta_val), NWays(ep.n_ways),
          KShots(ep.shots, ep.queries, support_split="train", query_split="test"), RemapLabels()],
         name="meta_val",
     )

@@ -45,6 +45,20 @@ def test_ways_range_is_sampled_per_episode():
     assert ways == {2, 3, 4, 5}
 
 
+def test_ways_all_trains_on_every_label_of_the_domain():
+    from metaloop.episode_sets import meta_train_recipe
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["episodes"].update(ways="all", shots=1, queries=2)
+    raw["domains"].update(meta_train=["a", "b"], meta_val=[], target=["c"])
+    params = parse_params(raw)
+    assert params.episodes.n_ways is None and params.episodes.min_ways == 2
+    pool = toy_pool(domains=("a", "b"), labels=6)
+    eps = [meta_train_recipe(params).sample(pool, 3, i) for i in range(6)]
+    assert all(e.ways == 6 and sorted(e.labels) == [f"l{i}" for i in range(6)] for e in eps)
+    assert len(eps[0].support_ids) == 6 and len(eps[0].query_ids) == 12
+
+
 def test_remap_shuffles_class_order():
     recipe = Recipe([FromDomains(["a"]), NWays(5), KShots(1, queries=1), RemapLabels()])
     orders = {recipe.sample(toy_pool(), 3, i).labels for i in range(30)}
