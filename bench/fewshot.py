@@ -141,7 +141,10 @@ class BenchConfig(BaseModel):
     threads: Annotated[int, Field(gt=0)] = 2
     backbone: str | None = Field(None, description="Override backbone.name_or_path.")
     max_length: Annotated[int, Field(gt=0)] | None = None
-    centroid_metric: Literal["sqeuclidean", "cosine"] = "sqeuclidean"
+    centroid_metric: Literal["sqeuclidean", "cosine"] | None = Field(
+        None, description="Centroid classifier of the baselines (default: params.yaml meta.metric).")
+    label_shots: Annotated[float, Field(ge=0)] | None = Field(
+        None, description="Class-name weight in the baselines' centroids (default: meta.label_shots).")
     finetune: FinetuneParams = FinetuneParams()
     ft_impl: Literal["pooled", "adapt-fit"] = "pooled"
     pretrain: PretrainParams = PretrainParams()
@@ -151,6 +154,7 @@ class BenchConfig(BaseModel):
     meta_overrides_by_algo: dict[str, dict[str, Any]] = Field(default_factory=dict)
     episode_overrides: dict[str, Any] = Field(default_factory=dict, description="episodes: ways/shots/queries/...")
     meta_finetune: bool = False
+    pretrain_centroid_only: bool = Field(False, description="supervised-pretrain: skip the fine-tuning adaptation.")
     dev: bool = False
     resume: bool = False
     verbose: bool = False
@@ -207,7 +211,7 @@ def curate_pool(params: Params) -> tuple[Pool, Path]:
 def meta_val_recipe(params: Params) -> Recipe:
     """Meta-val episodes: support from train, queries from the `val` split (never `test`)."""
     ep = params.episodes
-    return Recipe([FromDomains(params.domains.meta_val), NWays(ep.ways),
+    return Recipe([FromDomains(params.domains.meta_val), NWays(ep.n_ways),
                    KShots(ep.shots, ep.queries, support_split="train", query_split="val"), RemapLabels()],
                   name="meta_val")
 
@@ -395,9 +399,19 @@ def pretrain_texts(pool: Pool, domains: list[str]) -> tuple[list[str], list[str]
     return texts, labels
 
 
+def baseline_centroids(cfg: BenchConfig, params: Params):
+    """The centroid classifier of frozen-centroid and supervised-pretrain: params' meta one, or the flags'."""
+    from metaloop.meta.head import Centroids
+
+    m = params.meta
+    return Centroids(cfg.centroid_metric or m.metric, m.scale,
+                     m.label_shots if cfg.label_shots is None else cfg.label_shots)
+
+
 def run_methods(cfg: BenchConfig, params: Params, pool: Pool, curated: Path, evalset: EvalSet) -> list[MethodRun]:
     runs: list[MethodRun] = []
     bb = params.backbone
+    centroids = baseline_centroids(cfg, params)
     needs_manifests = any(m in ALGORITHMS for m in cfg.methods) or "supervised-pretrain" in cfg.methods
     manifests = write_meta_manifests(pool, params) if needs_manifests else None
     for name in cfg.methods:
@@ -406,9 +420,8 @@ def run_methods(cfg: BenchConfig, params: Params, pool: Pool, curated: Path, eva
             model, tok = _backbone(params)
             from metaloop.meta.encoder import Encoder
 
-            method = FrozenCentroid(EmbeddingCache(Encoder(model, bb.pooling), tok, bb.max_length),
-                                    cfg.centroid_metric)
-            runs.append(score(name, method, evalset, pool, 0.0, cfg.verbose, {"metric": cfg.centroid_metric}))
+            method = FrozenCentroid(EmbeddingCache(Encoder(model, bb.pooling), tok, bb.max_length), centroids)
+            runs.append(score(name, method, evalset, pool, 0.0, cfg.verbose, {"centroids": asdict(centroids)}))
         elif name == "finetune":
             from metaloop.backbone import resolve
 
@@ -424,7 +437,7 @@ def run_methods(cfg: BenchConfig, params: Params, pool: Pool, curated: Path, eva
             val_eps = read_manifest(manifests[1])[: params.meta.val_episodes] if params.domains.meta_val else []
 
             def validate(enc: Encoder, tok=tok, val_eps=val_eps) -> float:
-                centroid = FrozenCentroid(EmbeddingCache(enc, tok, bb.max_length), cfg.centroid_metric)
+                centroid = FrozenCentroid(EmbeddingCache(enc, tok, bb.max_length), centroids)
                 return statistics.fmean(centroid.accuracy(e, pool.texts) for e in val_eps)
 
             pp = cfg.pretrain if cfg.pretrain.minutes or not cfg.meta_minutes else \
@@ -434,10 +447,15 @@ def run_methods(cfg: BenchConfig, params: Params, pool: Pool, curated: Path, eva
             folder = cfg.work_dir / "supervised" / "model"
             model.save_pretrained(folder)
             tok.save_pretrained(folder)
-            method = _finetune_method(cfg, params, model, tok, folder)
-            runs.append(score(name, method, evalset, pool, res.seconds, cfg.verbose,
-                              {"pretrain": asdict(res), "rows": len(texts), "labels": len(set(labels)),
-                               "impl": cfg.ft_impl}))
+            info = {"pretrain": asdict(res), "rows": len(texts), "labels": len(set(labels))}
+            # the supervised encoder scored by the same centroid classifier as the meta-learners:
+            # separates what its encoder learned from what fine-tuning on the shots adds
+            centroid = FrozenCentroid(EmbeddingCache(Encoder(model, bb.pooling), tok, bb.max_length), centroids)
+            runs.append(score(f"{name}-centroid", centroid, evalset, pool, res.seconds, cfg.verbose,
+                              {**info, "centroids": asdict(centroids)}))
+            if not cfg.pretrain_centroid_only:
+                method = _finetune_method(cfg, params, model, tok, folder)
+                runs.append(score(name, method, evalset, pool, res.seconds, cfg.verbose, {**info, "impl": cfg.ft_impl}))
         else:  # a meta-learning algorithm
             learner, model_dir, seconds, info = meta_train(cfg, params, name, curated, manifests)
             from transformers import AutoTokenizer
@@ -620,7 +638,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
     a("--threads", type=int, default=d.threads, help="torch CPU threads")
     a("--backbone", default=None, help="override backbone.name_or_path")
     a("--max-length", type=int, default=None)
-    a("--centroid-metric", choices=["sqeuclidean", "cosine"], default=d.centroid_metric)
+    a("--centroid-metric", choices=["sqeuclidean", "cosine"], default=None,
+      help="baselines' centroid classifier (default: params.yaml meta.metric)")
+    a("--label-shots", type=float, default=None,
+      help="class-name weight in the baselines' centroids (default: params.yaml meta.label_shots; 0: unused)")
     a("--meta-steps", type=int, default=d.meta_steps, help="meta-training steps (upper bound)")
     a("--meta-minutes", type=float, default=d.meta_minutes, help="meta-training wall-time budget per algorithm")
     a("--meta-batch", type=int, help="meta.meta_batch_size")
@@ -632,7 +653,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
     a("--val-every", type=int, help="meta.val_every")
     a("--val-episodes", type=int, help="meta.val_episodes")
     a("--patience", type=int, help="meta.patience (also supervised-pretrain's)")
-    a("--meta-ways", type=int, help="episodes.ways of meta-train/meta-val episodes")
+    a("--meta-ways", type=lambda v: v if v == "all" else int(v),
+      help="episodes.ways of meta-train/meta-val episodes (a number or all)")
     a("--meta-shots", type=int, help="episodes.shots of meta-train/meta-val episodes")
     a("--meta-queries", type=int, help="episodes.queries of meta-train/meta-val episodes")
     a("--meta-set", action="append", default=[], metavar="[ALGO.]KEY=VALUE", help="any meta: key")
@@ -650,6 +672,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
     a("--pretrain-steps", type=int)
     a("--pretrain-minutes", type=float, help="default: --meta-minutes")
     a("--pretrain-lr", type=float)
+    a("--pretrain-centroid-only", action="store_true",
+      help="score the supervised encoder with the centroid classifier only (skip its fine-tuning)")
     a("--dev", action="store_true", help="score on the meta-val domains' val split (tuning), not the targets")
     a("--resume", action="store_true", help="reuse meta-training checkpoints in --work-dir")
     a("--json", type=Path, help="write the results as JSON")
@@ -678,7 +702,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
             data=args.data, work_dir=args.work_dir, params=args.params, seed=args.seed, targets=args.targets,
             meta_train=args.meta_train, meta_val=args.meta_val, shots=args.shots, draws=args.draws,
             methods=args.methods, threads=args.threads, backbone=args.backbone, max_length=args.max_length,
-            centroid_metric=args.centroid_metric, finetune=FinetuneParams(**ft), ft_impl=args.ft_impl,
+            centroid_metric=args.centroid_metric, label_shots=args.label_shots,
+            pretrain_centroid_only=args.pretrain_centroid_only, finetune=FinetuneParams(**ft), ft_impl=args.ft_impl,
             pretrain=PretrainParams(**pt), meta_steps=args.meta_steps, meta_minutes=args.meta_minutes,
             meta_overrides=common, meta_overrides_by_algo=by_algo, episode_overrides=episodes,
             meta_finetune=args.meta_finetune, dev=args.dev, resume=args.resume, verbose=args.verbose,

@@ -1,9 +1,12 @@
 """Merge `bench/fewshot.py --json` files of separate invocations into one table and plot.
 
     python bench/plot_fewshot.py bench/results/fewshot-*.json --plot docs/fewshot.png
+    python bench/plot_fewshot.py new.json "old.json@(session 2)" --plot out.png   # label old.json's methods
 
 The benchmark may be run method by method (same --work-dir); this refuses to merge files
 whose evaluation episodes differ (`eval_hash`), so every line is scored on the same episodes.
+`PATH@SUFFIX` appends SUFFIX to the method names of that file (e.g. the same method under
+other settings); otherwise a method already read from an earlier file is skipped.
 """
 
 from __future__ import annotations
@@ -13,14 +16,16 @@ import json
 from pathlib import Path
 
 
-def merge(paths: list[Path]) -> tuple[str, list[str], list[dict]]:
+def merge(paths: list[str | Path]) -> tuple[str, list[str], list[dict]]:
     rows, hashes, domains = [], set(), []
-    for path in paths:
-        d = json.loads(path.read_text())
+    for spec in paths:
+        path, _, suffix = str(spec).partition("@")
+        d = json.loads(Path(path).read_text())
         hashes.add(d["eval_hash"])
         domains = d["target_domains"]
         seen = {(r["method"], r["shots"]) for r in rows}
-        rows += [r for r in d["results"] if (r["method"], r["shots"]) not in seen]
+        named = [{**r, "method": f"{r['method']} {suffix}".strip()} for r in d["results"]]
+        rows += [r for r in named if (r["method"], r["shots"]) not in seen]
     if len(hashes) != 1:
         raise SystemExit(f"refusing to merge: the files scored different episodes (eval hashes {sorted(hashes)})")
     return hashes.pop(), domains, rows
@@ -28,7 +33,7 @@ def merge(paths: list[Path]) -> tuple[str, list[str], list[dict]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("json", nargs="+", type=Path)
+    ap.add_argument("json", nargs="+", help="--json files of bench/fewshot.py, each optionally PATH@SUFFIX")
     ap.add_argument("--plot", type=Path, required=True)
     args = ap.parse_args(argv)
     eval_hash, domains, rows = merge(args.json)

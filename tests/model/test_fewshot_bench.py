@@ -37,6 +37,7 @@ from metaloop.fewshot import (
     mean_ci95,
     t_quantile,
 )
+from metaloop.meta.head import Centroids
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,18 +114,21 @@ def test_frozen_centroid_is_exact_on_separable_classes(tiny):
     assert FrozenCentroid(EmbeddingCache(enc, tok, 32)).accuracy(bad, lambda ids: [texts[i] for i in ids]) == 0.0
 
 
-def test_frozen_centroid_equals_protonet_and_caches(tiny, toy_episode_and_texts):
+@pytest.mark.parametrize("centroids", [Centroids(), Centroids("cosine", 20.0, 1.0), Centroids("sqeuclidean", 10, 2.0)],
+                         ids=["sqeuclidean", "cosine+names", "sqeuclidean+names"])
+def test_frozen_centroid_equals_protonet_and_caches(tiny, toy_episode_and_texts, centroids):
     from metaloop.meta.algorithms import LearnerConfig, build_learner
     from metaloop.meta.data import episode_batch
 
     model, tok = tiny
     ep, texts_of = toy_episode_and_texts
-    learner = build_learner(model, LearnerConfig(algorithm="protonet", pooling="mean")).eval()
+    learner = build_learner(model, LearnerConfig(algorithm="protonet", pooling="mean", centroids=centroids)).eval()
     cache = EmbeddingCache(learner.encoder, tok, 32)
-    ours = FrozenCentroid(cache).accuracy(ep, texts_of)
-    theirs = learner.evaluate(episode_batch(ep, texts_of, tok, 32)).acc
+    ours = FrozenCentroid(cache, centroids).accuracy(ep, texts_of)
+    theirs = learner.evaluate(episode_batch(ep, texts_of, tok, 32, label_names=centroids.uses_labels)).acc
     assert ours == pytest.approx(theirs, abs=1e-6)
-    assert len(cache) == len(set(ep.support_ids) | set(ep.query_ids))
+    names = ep.ways if centroids.uses_labels else 0  # class names are cached by their text
+    assert len(cache) == len(set(ep.support_ids) | set(ep.query_ids)) + names
 
 
 @pytest.fixture
@@ -206,16 +210,19 @@ def test_harness_runs_every_kind_of_method_on_identical_episodes(tmp_path, tiny_
         "--methods", "frozen-centroid,finetune,supervised-pretrain,protonet",
         "--meta-steps", "2", "--meta-batch", "2", "--meta-ways", "3", "--meta-shots", "2", "--meta-queries", "2",
         "--val-every", "1", "--val-episodes", "2", "--meta-set", "checkpoint_every=1",
+        "--meta-set", "metric=cosine", "--meta-set", "label_shots=1",
         "--ft-epochs", "2", "--pretrain-steps", "3", "--meta-minutes", "5",
     ])
     cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"val_every": 2})})
+    # the baselines' centroid classifier defaults to the meta-learners' (class names included)
+    assert bench.baseline_centroids(cfg, bench.bench_params(cfg)).label_shots == 1
     report = bench.run_benchmark(cfg)
     out = bench.to_json(report)
 
     # the schema
     assert list(out)[:3] == ["target_domains", "eval_hash", "results"]
     assert out["target_domains"] == ["dom4", "dom5"]
-    methods = ["frozen-centroid", "finetune", "supervised-pretrain", "protonet"]
+    methods = ["frozen-centroid", "finetune", "supervised-pretrain-centroid", "supervised-pretrain", "protonet"]
     assert [(r["method"], r["shots"]) for r in out["results"]] == [(m, k) for m in methods for k in (1, 2)]
     for r in out["results"]:
         assert set(r) == {"method", "shots", "accuracy", "ci95", "seconds"}
@@ -231,7 +238,7 @@ def test_harness_runs_every_kind_of_method_on_identical_episodes(tmp_path, tiny_
     seen = {e.domain for e in read_manifest(tmp_path / "work" / "episodes" / "meta_train.jsonl")}
     assert seen <= {"dom0", "dom1", "dom2"}
     assert {e.domain for e in read_manifest(tmp_path / "work" / "episodes" / "meta_val.jsonl")} == {"dom3"}
-    assert report.runs[3].info["steps"] == 2
+    assert report.runs[4].info["steps"] == 2
     # a second build of the episodes gives the same hash
     params = bench.bench_params(cfg)
     pool, _ = bench.curate_pool(params)
@@ -277,3 +284,25 @@ def test_meta_minutes_stops_training_and_still_exports(tmp_path, tiny_dir):
     assert info["time_limited"] and 0 < info["steps"] < 100000
     assert (Path(info["model_dir"]) / "config.json").is_file()  # the best step was exported
     assert len(report.runs[0].scores) == 1
+
+
+def test_plot_merge_labels_files_and_refuses_different_episodes(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_fewshot", ROOT / "bench" / "plot_fewshot.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+
+    def write(name, h, methods):
+        path = tmp_path / name
+        rows = [{"method": m, "shots": 1, "accuracy": 50.0, "ci95": 1.0, "seconds": 1.0} for m in methods]
+        path.write_text(json.dumps({"target_domains": ["a"], "eval_hash": h, "results": rows}))
+        return str(path)
+
+    new, old = write("new.json", "h1", ["frozen-centroid", "protonet"]), write("old.json", "h1", ["protonet", "x"])
+    _, _, rows = plot.merge([new, old])
+    assert [r["method"] for r in rows] == ["frozen-centroid", "protonet", "x"]  # a repeated method is skipped
+    _, _, rows = plot.merge([new, f"{old}@(v1)"])
+    assert [r["method"] for r in rows] == ["frozen-centroid", "protonet", "protonet (v1)", "x (v1)"]
+    with pytest.raises(SystemExit, match="different episodes"):
+        plot.merge([new, write("other.json", "h2", ["y"])])
