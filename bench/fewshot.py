@@ -97,6 +97,7 @@ from metaloop.episodes import (
 )
 from metaloop.errors import MetaloopError
 from metaloop.fewshot import (
+    CentroidHeadFit,
     EmbeddingCache,
     EpisodeScore,
     Finetune,
@@ -155,6 +156,9 @@ class BenchConfig(BaseModel):
     episode_overrides: dict[str, Any] = Field(default_factory=dict, description="episodes: ways/shots/queries/...")
     meta_finetune: bool = False
     pretrain_centroid_only: bool = Field(False, description="supervised-pretrain: skip the fine-tuning adaptation.")
+    head_steps: Annotated[int, Field(ge=0)] = Field(
+        0, description="> 0: also score every centroid method as <method>+head (CentroidHeadFit, K >= 2).")
+    head_lr: Annotated[float, Field(gt=0)] = 1e-3
     dev: bool = False
     resume: bool = False
     verbose: bool = False
@@ -412,6 +416,14 @@ def run_methods(cfg: BenchConfig, params: Params, pool: Pool, curated: Path, eva
     runs: list[MethodRun] = []
     bb = params.backbone
     centroids = baseline_centroids(cfg, params)
+
+    def with_head(name: str, method: FrozenCentroid, seconds: float, info: dict) -> None:
+        """`name`, then (--head-steps) `name+head`: the same cached embeddings, prototypes fitted."""
+        runs.append(score(name, method, evalset, pool, seconds, cfg.verbose, info))
+        if cfg.head_steps:
+            fit = CentroidHeadFit(method.cache, method.centroids, cfg.head_steps, cfg.head_lr)
+            runs.append(score(f"{name}+head", fit, evalset, pool, seconds, cfg.verbose,
+                              {**info, "head_steps": cfg.head_steps, "head_lr": cfg.head_lr}))
     needs_manifests = any(m in ALGORITHMS for m in cfg.methods) or "supervised-pretrain" in cfg.methods
     manifests = write_meta_manifests(pool, params) if needs_manifests else None
     for name in cfg.methods:
@@ -421,7 +433,7 @@ def run_methods(cfg: BenchConfig, params: Params, pool: Pool, curated: Path, eva
             from metaloop.meta.encoder import Encoder
 
             method = FrozenCentroid(EmbeddingCache(Encoder(model, bb.pooling), tok, bb.max_length), centroids)
-            runs.append(score(name, method, evalset, pool, 0.0, cfg.verbose, {"centroids": asdict(centroids)}))
+            with_head(name, method, 0.0, {"centroids": asdict(centroids)})
         elif name == "finetune":
             from metaloop.backbone import resolve
 
@@ -451,8 +463,7 @@ def run_methods(cfg: BenchConfig, params: Params, pool: Pool, curated: Path, eva
             # the supervised encoder scored by the same centroid classifier as the meta-learners:
             # separates what its encoder learned from what fine-tuning on the shots adds
             centroid = FrozenCentroid(EmbeddingCache(Encoder(model, bb.pooling), tok, bb.max_length), centroids)
-            runs.append(score(f"{name}-centroid", centroid, evalset, pool, res.seconds, cfg.verbose,
-                              {**info, "centroids": asdict(centroids)}))
+            with_head(f"{name}-centroid", centroid, res.seconds, {**info, "centroids": asdict(centroids)})
             if not cfg.pretrain_centroid_only:
                 method = _finetune_method(cfg, params, model, tok, folder)
                 runs.append(score(name, method, evalset, pool, res.seconds, cfg.verbose, {**info, "impl": cfg.ft_impl}))
@@ -461,8 +472,11 @@ def run_methods(cfg: BenchConfig, params: Params, pool: Pool, curated: Path, eva
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(model_dir)
-            runs.append(score(name, MetaLearnerMethod(learner, tok, max_length=bb.max_length), evalset, pool,
-                              seconds, cfg.verbose, info))
+            method = MetaLearnerMethod(learner, tok, max_length=bb.max_length)
+            if method.centroid is not None:  # ProtoNet: its classifier is a centroid one
+                with_head(name, method.centroid, seconds, info)
+            else:
+                runs.append(score(name, method, evalset, pool, seconds, cfg.verbose, info))
             if cfg.meta_finetune:
                 from transformers import AutoModel
 
@@ -672,6 +686,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
     a("--pretrain-steps", type=int)
     a("--pretrain-minutes", type=float, help="default: --meta-minutes")
     a("--pretrain-lr", type=float)
+    a("--head-steps", type=int, default=d.head_steps,
+      help="also score each centroid method with its prototypes fitted for this many steps (<method>+head)")
+    a("--head-lr", type=float, default=d.head_lr)
     a("--pretrain-centroid-only", action="store_true",
       help="score the supervised encoder with the centroid classifier only (skip its fine-tuning)")
     a("--dev", action="store_true", help="score on the meta-val domains' val split (tuning), not the targets")
@@ -703,7 +720,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
             meta_train=args.meta_train, meta_val=args.meta_val, shots=args.shots, draws=args.draws,
             methods=args.methods, threads=args.threads, backbone=args.backbone, max_length=args.max_length,
             centroid_metric=args.centroid_metric, label_shots=args.label_shots,
-            pretrain_centroid_only=args.pretrain_centroid_only, finetune=FinetuneParams(**ft), ft_impl=args.ft_impl,
+            pretrain_centroid_only=args.pretrain_centroid_only, head_steps=args.head_steps, head_lr=args.head_lr,
+            finetune=FinetuneParams(**ft), ft_impl=args.ft_impl,
             pretrain=PretrainParams(**pt), meta_steps=args.meta_steps, meta_minutes=args.meta_minutes,
             meta_overrides=common, meta_overrides_by_algo=by_algo, episode_overrides=episodes,
             meta_finetune=args.meta_finetune, dev=args.dev, resume=args.resume, verbose=args.verbose,

@@ -238,6 +238,51 @@ class FrozenCentroid:
         return float((logits.argmax(-1) == torch.tensor(episode.query_y)).float().mean())
 
 
+class CentroidHeadFit:
+    """The centroid classifier, then `steps` Adam steps on the prototypes alone, encoder frozen.
+
+    The prototypes (class names included, as `centroids` says) become the weights of a head
+    with the same metric (Baseline++'s cosine classifier when metric is cosine), trained by
+    cross-entropy on the support embeddings and the class-name embeddings (weighted by
+    `label_shots`). Embeddings are cached, so a fit costs milliseconds: the encoder is never
+    run backwards. Episodes with fewer than `min_shots` rows per class are scored by the
+    centroids as they are (at 1 shot the support rows and names already are the prototypes;
+    fitting them did not help on the source domains, docs/fewshot.md). steps=0 is exactly
+    `FrozenCentroid`.
+    """
+
+    def __init__(self, cache: EmbeddingCache, centroids: Centroids, steps: int = 50, lr: float = 1e-3,
+                 min_shots: int = 2):
+        self.cache, self.centroids, self.steps, self.lr, self.min_shots = cache, centroids, steps, lr, min_shots
+
+    def fit(self, zs: torch.Tensor, ys: torch.Tensor, ways: int, label_z: torch.Tensor | None) -> torch.Tensor:
+        c = self.centroids
+        weights = c.prototypes(zs, ys, ways, label_z).detach().clone().requires_grad_(True)
+        rows, targets, w = zs, ys, torch.ones(len(ys))
+        if label_z is not None and c.uses_labels:
+            rows = torch.cat([zs, label_z])
+            targets = torch.cat([ys, torch.arange(ways)])
+            w = torch.cat([w, torch.full((ways,), c.label_shots)])
+        opt = torch.optim.Adam([weights], lr=self.lr)
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                loss = (F.cross_entropy(c.logits(rows, weights), targets, reduction="none") * w).sum() / w.sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return weights.detach()
+
+    def accuracy(self, episode: Episode, texts_of: TextsOf) -> float:
+        c = self.centroids
+        zs = self.cache.embed(episode.support_ids, texts_of)
+        zq = self.cache.embed(episode.query_ids, texts_of)
+        label_z = self.cache.embed_texts([label_text(n) for n in episode.labels]) if c.uses_labels else None
+        ys = torch.tensor(episode.support_y)
+        weights = (self.fit(zs, ys, episode.ways, label_z) if shots_of(episode) >= self.min_shots
+                   else c.prototypes(zs, ys, episode.ways, label_z))
+        return float((c.logits(zq, weights).argmax(-1) == torch.tensor(episode.query_y)).float().mean())
+
+
 # ---------------------------------------------------------------- fine-tuning on the shots
 
 
@@ -372,13 +417,13 @@ class MetaLearnerMethod:
 
     def __init__(self, learner: nn.Module, tokenizer, *, max_length: int = 64):
         self.learner, self.tokenizer, self.max_length = learner, tokenizer, max_length
-        self._centroid = (FrozenCentroid(EmbeddingCache(learner.encoder, tokenizer, max_length),
-                                         learner.cfg.centroids)
-                          if getattr(learner, "name", "") == "protonet" else None)
+        # ProtoNet: no inner loop; the same math with cached embeddings
+        self.centroid = (FrozenCentroid(EmbeddingCache(learner.encoder, tokenizer, max_length), learner.cfg.centroids)
+                         if getattr(learner, "name", "") == "protonet" else None)
 
     def accuracy(self, episode: Episode, texts_of: TextsOf) -> float:
-        if self._centroid is not None:  # ProtoNet: no inner loop, the same math with cached embeddings
-            return self._centroid.accuracy(episode, texts_of)
+        if self.centroid is not None:
+            return self.centroid.accuracy(episode, texts_of)
         self.learner.eval()
         batch = episode_batch(episode, texts_of, self.tokenizer, self.max_length,
                               label_names=self.learner.needs_label_names)
@@ -497,6 +542,7 @@ def supervised_pretrain(
 
 __all__ = [
     "AdaptFitMethod",
+    "CentroidHeadFit",
     "EmbeddingCache",
     "EpisodeScore",
     "Finetune",

@@ -131,6 +131,27 @@ def test_frozen_centroid_equals_protonet_and_caches(tiny, toy_episode_and_texts,
     assert len(cache) == len(set(ep.support_ids) | set(ep.query_ids)) + names
 
 
+def test_head_fit_starts_from_the_centroids_and_fits_the_support(tiny, toy_episode_and_texts):
+    from metaloop.fewshot import CentroidHeadFit
+
+    model, tok = tiny
+    ep, texts_of = toy_episode_and_texts
+    from metaloop.meta.encoder import Encoder
+
+    cache = EmbeddingCache(Encoder(model, "mean"), tok, 32)
+    for c in (Centroids(), Centroids("cosine", 10.0, 1.0)):
+        assert CentroidHeadFit(cache, c, steps=0).accuracy(ep, texts_of) == FrozenCentroid(cache, c).accuracy(ep, texts_of)
+    # overlapping classes: class means misclassify support rows, fitted prototypes do not
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat_interleave(6)
+    z = torch.randn(4, 16, generator=gen)[y] * 0.3 + torch.randn(24, 16, generator=gen)
+    c = Centroids("cosine", 10.0)
+    before = (c.logits(z, c.prototypes(z, y, 4)).argmax(-1) == y).float().mean()
+    fitted = CentroidHeadFit(cache, c, steps=300, lr=1e-2).fit(z, y, 4, None)
+    after = (c.logits(z, fitted).argmax(-1) == y).float().mean()
+    assert before < 1.0 and after > before
+
+
 @pytest.fixture
 def toy_episode_and_texts():
     """A 4-way 2-shot eval episode (the library's eval recipe) over keyword texts."""
@@ -210,7 +231,7 @@ def test_harness_runs_every_kind_of_method_on_identical_episodes(tmp_path, tiny_
         "--methods", "frozen-centroid,finetune,supervised-pretrain,protonet",
         "--meta-steps", "2", "--meta-batch", "2", "--meta-ways", "3", "--meta-shots", "2", "--meta-queries", "2",
         "--val-every", "1", "--val-episodes", "2", "--meta-set", "checkpoint_every=1",
-        "--meta-set", "metric=cosine", "--meta-set", "label_shots=1",
+        "--meta-set", "metric=cosine", "--meta-set", "label_shots=1", "--head-steps", "5",
         "--ft-epochs", "2", "--pretrain-steps", "3", "--meta-minutes", "5",
     ])
     cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"val_every": 2})})
@@ -222,7 +243,8 @@ def test_harness_runs_every_kind_of_method_on_identical_episodes(tmp_path, tiny_
     # the issue's schema
     assert list(out)[:3] == ["target_domains", "eval_hash", "results"]
     assert out["target_domains"] == ["dom4", "dom5"]
-    methods = ["frozen-centroid", "finetune", "supervised-pretrain-centroid", "supervised-pretrain", "protonet"]
+    methods = ["frozen-centroid", "frozen-centroid+head", "finetune", "supervised-pretrain-centroid",
+               "supervised-pretrain-centroid+head", "supervised-pretrain", "protonet", "protonet+head"]
     assert [(r["method"], r["shots"]) for r in out["results"]] == [(m, k) for m in methods for k in (1, 2)]
     for r in out["results"]:
         assert set(r) == {"method", "shots", "accuracy", "ci95", "seconds"}
@@ -232,13 +254,17 @@ def test_harness_runs_every_kind_of_method_on_identical_episodes(tmp_path, tiny_
     assert len(report.evalset.episodes) == 8 and out["episodes_per_shot"] == {"1": 4, "2": 4}
     assert out["queries_by_domain"] == {"dom4": 16, "dom5": 16}
     assert all(len(r.scores) == 8 for r in report.runs)
+    # +head leaves 1-shot episodes to the centroids (min_shots 2)
+    by = {r.name: r for r in report.runs}
+    assert [s.accuracy for s in by["protonet"].scores if s.shots == 1] == \
+        [s.accuracy for s in by["protonet+head"].scores if s.shots == 1]
     # target and meta-val domains never reach meta-training
     from metaloop.episodes import read_manifest
 
     seen = {e.domain for e in read_manifest(tmp_path / "work" / "episodes" / "meta_train.jsonl")}
     assert seen <= {"dom0", "dom1", "dom2"}
     assert {e.domain for e in read_manifest(tmp_path / "work" / "episodes" / "meta_val.jsonl")} == {"dom3"}
-    assert report.runs[4].info["steps"] == 2
+    assert {r.name: r for r in report.runs}["protonet"].info["steps"] == 2
     # a second build of the episodes gives the same hash
     params = bench.bench_params(cfg)
     pool, _ = bench.curate_pool(params)
