@@ -52,19 +52,22 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig, ax = plt.subplots(figsize=(8.4, 4.6), dpi=120)
+    colors = plt.get_cmap("tab20").colors
     for i, m in enumerate(methods):
         ks = [k for k in shots if (m, k) in cell]
-        shift = (i - (len(methods) - 1) / 2) * 0.1
+        shift = (i - (len(methods) - 1) / 2) * 0.05
+        labelled = " " in m  # a PATH@SUFFIX file: earlier settings, drawn dashed
         ax.errorbar([k + shift for k in ks], [cell[m, k]["accuracy"] for k in ks],
-                    yerr=[cell[m, k]["ci95"] for k in ks], marker="o", ms=4, capsize=3, label=m)
+                    yerr=[cell[m, k]["ci95"] for k in ks], marker="o", ms=3.5, capsize=2.5, lw=1.2,
+                    color=colors[i % len(colors)], ls="--" if labelled else "-", label=m)
     ax.set_xticks(shots)
     ax.set_ylim(max(0.0, min(r["accuracy"] for r in rows) - 15.0), 100.0)
     ax.set_xlabel("shots per class (K)")
     ax.set_ylabel("accuracy (%), 15-way")
     ax.set_title(f"CLINC150 target domains: {', '.join(domains)}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.plot)
