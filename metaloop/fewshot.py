@@ -3,7 +3,9 @@
 The pieces `bench/fewshot.py` is built from, usable on their own:
 
     cache = EmbeddingCache(encoder, tokenizer, max_length=64)
-    method = FrozenCentroid(cache)                       # no training at all
+    centroids = params.meta.centroids()                  # ProtoNet's classifier (metric, names)
+    method = FrozenCentroid(cache, centroids)            # no training at all
+    method = CentroidHeadFit(cache, centroids, steps=50) # the prototypes fitted as a head
     method = Finetune(model, tokenizer, FinetuneParams(), pooling="mean")
     method = MetaLearnerMethod(learner, tokenizer)        # a meta-learner's own adaptation
     scores = score_episodes("finetune", method, episodes, pool.texts)
@@ -15,8 +17,9 @@ embedding the meta-learners train: the backbone's hidden states pooled by
 `metaloop.meta.pooling` (mean by default), with the prototype-initialised linear head of
 `metaloop.meta.head` (W_k = 2 c_k, b_k = -||c_k||^2). So:
 
-* `FrozenCentroid` is the ProtoNet classifier of the frozen encoder (squared Euclidean
-  distance to the class means of the support embeddings; `metric="cosine"` optionally).
+* `FrozenCentroid` is the ProtoNet classifier of the frozen encoder: a
+  `metaloop.meta.head.Centroids` (squared Euclidean or cosine distance to the class means of
+  the support embeddings, the class names optionally counted as support rows).
   It equals `ProtoNet.evaluate` on the same encoder (tested); embeddings are cached by row
   id, so the query set shared by every draw of a domain is encoded once.
 * `Finetune` is standard fine-tuning on the K shots: a copy of the encoder plus a linear head
