@@ -59,7 +59,7 @@ class LearnerConfig:
             inner_lr=meta.inner_lr, first_order=meta.first_order, pooling=backbone.pooling,
             lora_rank=meta.lora_rank, lora_targets=tuple(targets) if targets else None,
             checkpointing=meta.activation_checkpointing,
-            centroids=Centroids(meta.metric, meta.scale, meta.label_shots),
+            centroids=meta.centroids(),
         )
 
 
