@@ -225,42 +225,52 @@ class FrozenCentroid:
     """No training: the class means of the support embeddings classify the queries.
 
     `centroids` says how (metric; with `label_shots` > 0 the class names' embeddings join the
-    support rows); a metric name alone means that metric without names.
+    support rows).
     """
 
-    def __init__(self, cache: EmbeddingCache, centroids: Centroids | str = Centroids()):
-        self.cache = cache
-        self.centroids = Centroids(centroids) if isinstance(centroids, str) else centroids
+    def __init__(self, cache: EmbeddingCache, centroids: Centroids = Centroids()):
+        self.cache, self.centroids = cache, centroids
+
+    def weights(self, zs: torch.Tensor, ys: torch.Tensor, ways: int, label_z: torch.Tensor | None) -> torch.Tensor:
+        """The classifier's class vectors: here the prototypes themselves."""
+        return self.centroids.prototypes(zs, ys, ways, label_z)
 
     def accuracy(self, episode: Episode, texts_of: TextsOf) -> float:
         c = self.centroids
         zs = self.cache.embed(episode.support_ids, texts_of)
         zq = self.cache.embed(episode.query_ids, texts_of)
         label_z = self.cache.embed_texts([label_text(n) for n in episode.labels]) if c.uses_labels else None
-        logits = c.logits(zq, c.prototypes(zs, torch.tensor(episode.support_y), episode.ways, label_z))
-        return float((logits.argmax(-1) == torch.tensor(episode.query_y)).float().mean())
+        w = self.weights(zs, torch.tensor(episode.support_y), episode.ways, label_z)
+        return float((c.logits(zq, w).argmax(-1) == torch.tensor(episode.query_y)).float().mean())
 
 
-class CentroidHeadFit:
+class CentroidHeadFit(FrozenCentroid):
     """The centroid classifier, then `steps` Adam steps on the prototypes alone, encoder frozen.
 
     The prototypes (class names included, as `centroids` says) become the weights of a head
     with the same metric (Baseline++'s cosine classifier when metric is cosine), trained by
     cross-entropy on the support embeddings and the class-name embeddings (weighted by
     `label_shots`). Embeddings are cached, so a fit costs milliseconds: the encoder is never
-    run backwards. Episodes with fewer than `min_shots` rows per class are scored by the
-    centroids as they are (at 1 shot the support rows and names already are the prototypes;
-    fitting them did not help on the source domains, docs/fewshot.md). steps=0 is exactly
-    `FrozenCentroid`.
+    run backwards. Episodes with fewer than `min_shots` rows per class keep the prototypes
+    (at 1 shot the support rows and names already are the prototypes; fitting them did not
+    help on the source domains, docs/fewshot.md). steps=0 is exactly `FrozenCentroid`.
     """
 
     def __init__(self, cache: EmbeddingCache, centroids: Centroids, steps: int = 50, lr: float = 1e-3,
                  min_shots: int = 2):
-        self.cache, self.centroids, self.steps, self.lr, self.min_shots = cache, centroids, steps, lr, min_shots
+        super().__init__(cache, centroids)
+        self.steps, self.lr, self.min_shots = steps, lr, min_shots
 
-    def fit(self, zs: torch.Tensor, ys: torch.Tensor, ways: int, label_z: torch.Tensor | None) -> torch.Tensor:
+    def weights(self, zs: torch.Tensor, ys: torch.Tensor, ways: int, label_z: torch.Tensor | None) -> torch.Tensor:
+        protos = super().weights(zs, ys, ways, label_z)
+        if len(ys) < self.min_shots * ways:
+            return protos
+        return self.fit(protos, zs, ys, ways, label_z)
+
+    def fit(self, protos: torch.Tensor, zs: torch.Tensor, ys: torch.Tensor, ways: int,
+            label_z: torch.Tensor | None) -> torch.Tensor:
         c = self.centroids
-        weights = c.prototypes(zs, ys, ways, label_z).detach().clone().requires_grad_(True)
+        weights = protos.detach().clone().requires_grad_(True)
         rows, targets, w = zs, ys, torch.ones(len(ys))
         if label_z is not None and c.uses_labels:
             rows = torch.cat([zs, label_z])
@@ -274,16 +284,6 @@ class CentroidHeadFit:
                 loss.backward()
                 opt.step()
         return weights.detach()
-
-    def accuracy(self, episode: Episode, texts_of: TextsOf) -> float:
-        c = self.centroids
-        zs = self.cache.embed(episode.support_ids, texts_of)
-        zq = self.cache.embed(episode.query_ids, texts_of)
-        label_z = self.cache.embed_texts([label_text(n) for n in episode.labels]) if c.uses_labels else None
-        ys = torch.tensor(episode.support_y)
-        weights = (self.fit(zs, ys, episode.ways, label_z) if shots_of(episode) >= self.min_shots
-                   else c.prototypes(zs, ys, episode.ways, label_z))
-        return float((c.logits(zq, weights).argmax(-1) == torch.tensor(episode.query_y)).float().mean())
 
 
 # ---------------------------------------------------------------- fine-tuning on the shots

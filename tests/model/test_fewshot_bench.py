@@ -147,7 +147,7 @@ def test_head_fit_starts_from_the_centroids_and_fits_the_support(tiny, toy_episo
     z = torch.randn(4, 16, generator=gen)[y] * 0.3 + torch.randn(24, 16, generator=gen)
     c = Centroids("cosine", 10.0)
     before = (c.logits(z, c.prototypes(z, y, 4)).argmax(-1) == y).float().mean()
-    fitted = CentroidHeadFit(cache, c, steps=300, lr=1e-2).fit(z, y, 4, None)
+    fitted = CentroidHeadFit(cache, c, steps=300, lr=1e-2).weights(z, y, 4, None)
     after = (c.logits(z, fitted).argmax(-1) == y).float().mean()
     assert before < 1.0 and after > before
 
