@@ -214,13 +214,6 @@ class EmbeddingCache:
         return len(self._z)
 
 
-def centroid_logits(support_z: torch.Tensor, support_y: torch.Tensor, ways: int, query_z: torch.Tensor,
-                    metric: Literal["sqeuclidean", "cosine"] = "sqeuclidean") -> torch.Tensor:
-    """Nearest-class-mean scores: ProtoNet's negative squared distance, or cosine similarity."""
-    c = Centroids(metric, scale=1.0)
-    return c.logits(query_z, c.prototypes(support_z, support_y, ways))
-
-
 class FrozenCentroid:
     """No training: the class means of the support embeddings classify the queries.
 
@@ -272,7 +265,7 @@ class CentroidHeadFit(FrozenCentroid):
         c = self.centroids
         weights = protos.detach().clone().requires_grad_(True)
         rows, targets, w = zs, ys, torch.ones(len(ys))
-        if label_z is not None and c.uses_labels:
+        if label_z is not None:  # the class names are training rows too, weighted as in the prototypes
             rows = torch.cat([zs, label_z])
             targets = torch.cat([ys, torch.arange(ways)])
             w = torch.cat([w, torch.full((ways,), c.label_shots)])
@@ -556,7 +549,6 @@ __all__ = [
     "PretrainParams",
     "PretrainResult",
     "Summary",
-    "centroid_logits",
     "finetune_encoder",
     "mean_ci95",
     "predict",

@@ -185,12 +185,12 @@ def test_finetune_trains_a_copy(tiny, toy_episode_and_texts):
 
 
 def test_prototype_head_is_the_centroid_classifier_scaled():
-    from metaloop.fewshot import _head_from_prototypes, centroid_logits
+    from metaloop.fewshot import _head_from_prototypes
 
     g = torch.Generator().manual_seed(0)
     z, y = torch.randn(12, 8, generator=g), torch.arange(4).repeat(3)
     q = torch.randn(20, 8, generator=g)
-    ref = centroid_logits(z, y, 4, q)  # -||q - c||^2
+    ref = Centroids().logits(q, Centroids().prototypes(z, y, 4))  # -||q - c||^2
     for scale in (1.0, 0.1):
         head = _head_from_prototypes(z, y, 4, True, scale)
         with torch.no_grad():
