@@ -207,6 +207,13 @@ class Meta(Strict):
     activation_checkpointing: bool = Field(
         False, description="Recompute layer activations in the backward pass: less memory, ~1/3 more compute."
     )
+    query_chunk: Annotated[int, Field(ge=0)] = Field(
+        0, description="> 0: the outer loss runs this many queries at a time (less memory, same gradient; 0: all).",
+    )
+    length_groups: PositiveInt = Field(
+        1, description="Run each support/query set as up to this many groups of similar length, each padded "
+                       "only to its own longest text (less padding work, same result; 1: one group).",
+    )
     metric: Literal["sqeuclidean", "cosine"] = Field(
         "sqeuclidean", description="ProtoNet's distance to the prototypes (and every centroid score)."
     )

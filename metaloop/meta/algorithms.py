@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaloop.errors import ConfigError
-from metaloop.meta.data import EpisodeBatch
+from metaloop.meta.data import EpisodeBatch, Inputs
 from metaloop.meta.encoder import Encoder, adapt_names, add_lora
-from metaloop.meta.head import Centroids
-from metaloop.meta.inner import HEAD_KEYS, Adapted, inner_loop, query_logits
+from metaloop.meta.head import Centroids, head_logits
+from metaloop.meta.inner import HEAD_KEYS, Adapted, inner_loop, inner_loop_replayed, query_logits
+from metaloop.meta.vocab import EpisodeVocab, word_embedding_name
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class LearnerConfig:
     lora_targets: tuple[str, ...] | None = None
     checkpointing: bool = False  # activation checkpointing, layer by layer
     centroids: Centroids = Centroids()  # ProtoNet's classifier (metric, scale, label_shots)
+    query_chunk: int = 0  # > 0: the outer loss runs this many queries at a time (memory; same gradient)
+    length_groups: int = 1  # > 1: each set runs as this many length groups (less padding; same result)
+    slice_vocab: bool = True  # adapt only the word-embedding rows an episode uses (same gradient)
 
     @classmethod
     def from_params(cls, meta, backbone) -> LearnerConfig:
@@ -59,7 +63,7 @@ class LearnerConfig:
             inner_lr=meta.inner_lr, first_order=meta.first_order, pooling=backbone.pooling,
             lora_rank=meta.lora_rank, lora_targets=tuple(targets) if targets else None,
             checkpointing=meta.activation_checkpointing,
-            centroids=meta.centroids(),
+            centroids=meta.centroids(), query_chunk=meta.query_chunk, length_groups=meta.length_groups,
         )
 
 
@@ -85,10 +89,12 @@ class MetaLearner(nn.Module):
         self.cfg = cfg
         self.scope = self.scope_override or cfg.adapt
         self.adapt_names = adapt_names(encoder, self.scope, cfg.top_k)
-        # Memory saving: second-order inner loops recompute whole steps after the first
+        # Memory saving: second-order inner loops replay whole steps in the backward pass
         # (their graphs are what fills memory); other learners recompute layer activations.
         self.checkpoint_steps = cfg.checkpointing and self.second_order and bool(self.adapt_names)
         encoder.checkpointing = cfg.checkpointing and not self.checkpoint_steps
+        emb = word_embedding_name(encoder.model) if cfg.slice_vocab else None
+        self.vocab_name = emb if emb in self.adapt_names else None
 
     # ---- pieces
     @property
@@ -106,31 +112,99 @@ class MetaLearner(nn.Module):
     def meta_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def row_sparse_parameters(self) -> list[nn.Parameter]:
+        """Meta-parameters whose gradient touches only an episode's rows (for `dist.sync_grads`)."""
+        return [self.encoder.named_weights()[self.vocab_name]] if self.vocab_name else []
+
+    def episode_vocab(self, batch: EpisodeBatch) -> EpisodeVocab | None:
+        """The word-embedding rows this episode uses, when the inner loop adapts that matrix."""
+        return EpisodeVocab.of(self.vocab_name, batch.support, batch.query) if self.vocab_name else None
+
+    def _adapt(self, batch: EpisodeBatch, vocab: EpisodeVocab | None, *, create_graph: bool,
+               detach_meta: bool, steps: int | None = None, replayed: bool = False) -> Adapted:
+        """The inner loop; with `vocab`, on the sliced word embeddings (inputs renumbered).
+        replayed=True: second order, one step's graph at a time (`inner_loop_replayed`)."""
+        support, lr, start = batch.support, self.inner_lr, None
+        if vocab is not None:
+            support, lr = vocab.remap(support), vocab.lr(lr)
+            start = {vocab.name: vocab.slice(self.encoder.named_weights()[vocab.name])}
+        args = (self.encoder, support, batch.support_y, batch.ways, self.adapt_names)
+        steps = self.cfg.inner_steps if steps is None else steps
+        if replayed:
+            return inner_loop_replayed(*args, steps=steps, lr=lr, start=start)
+        return inner_loop(*args, steps=steps, lr=lr, create_graph=create_graph, detach_meta=detach_meta,
+                          start=start)
+
     def adapt(self, batch: EpisodeBatch, *, create_graph: bool = False, detach_meta: bool = True,
               steps: int | None = None) -> Adapted:
-        return inner_loop(
-            self.encoder, batch.support, batch.support_y, batch.ways, self.adapt_names,
-            steps=self.cfg.inner_steps if steps is None else steps, lr=self.inner_lr,
-            create_graph=create_graph, detach_meta=detach_meta, checkpoint_steps=self.checkpoint_steps,
-        )
+        """Fast weights for one episode, full-size (they apply to any input)."""
+        vocab = self.episode_vocab(batch)
+        adapted = self._adapt(batch, vocab, create_graph=create_graph, detach_meta=detach_meta, steps=steps)
+        if vocab is not None:
+            base = self.encoder.named_weights()[vocab.name]
+            adapted.encoder[vocab.name] = vocab.unslice(base.detach() if detach_meta else base,
+                                                        adapted.encoder[vocab.name])
+        return adapted
 
     # ---- the interface
     def meta_loss(self, batch: EpisodeBatch) -> Outcome:
-        """Query loss after adaptation, differentiable w.r.t. the meta-parameters."""
-        adapted = self.adapt(batch, create_graph=self.second_order, detach_meta=False)
-        return _score(query_logits(self.encoder, batch.query, adapted), batch.query_y)
+        """Query loss after adaptation, differentiable w.r.t. the meta-parameters (the whole
+        graph at once: `outer_backward` is the path with the memory savers)."""
+        vocab = self.episode_vocab(batch)
+        adapted = self._adapt(batch, vocab, create_graph=self.second_order, detach_meta=False)
+        return _score(query_logits(self.encoder, _remap(vocab, batch.query), adapted), batch.query_y)
 
     def outer_backward(self, batch: EpisodeBatch, weight: float = 1.0) -> Outcome:
+        if self.checkpoint_steps or 0 < self.cfg.query_chunk < len(batch.query_y):
+            return self._chunked_outer_backward(batch, weight)
         out = self.meta_loss(batch)
         if out.loss.requires_grad:
             (out.loss * weight).backward()
         return Outcome(float(out.loss.detach()), out.acc)
 
+    def _chunked_outer_backward(self, batch: EpisodeBatch, weight: float) -> Outcome:
+        """`outer_backward` holding one chunk of queries' graph at a time.
+
+        The query loss is a mean over queries, so its gradient w.r.t. the adapted weights is
+        summed chunk by chunk at detached copies of them; that sum then flows back through the
+        inner loop once (replayed step by step under `checkpoint_steps`). Same meta-gradient,
+        same work; memory holds the inner loop's graph plus one chunk's instead of the whole
+        query set's.
+        """
+        vocab = self.episode_vocab(batch)
+        adapted = self._adapt(batch, vocab, create_graph=self.second_order, detach_meta=False,
+                              replayed=self.checkpoint_steps)
+        ends = [*adapted.encoder.values(), adapted.head["weight"], adapted.head["bias"]]
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in ends]
+        fast = dict(zip(adapted.encoder, leaves[:-2]))
+        head = {"weight": leaves[-2], "bias": leaves[-1]}
+        query, y = _remap(vocab, batch.query), batch.query_y
+        n, total, correct = len(y), 0.0, 0
+        for rows in torch.arange(n).split(self.cfg.query_chunk or n):
+            logits = head_logits(head, self.encoder({k: v[rows] for k, v in query.items()}, fast))
+            loss = F.cross_entropy(logits, y[rows], reduction="sum") / n
+            if loss.requires_grad:
+                (loss * weight).backward()  # into the leaves, and .grad of weights used as they are
+            total += float(loss.detach())
+            correct += int((logits.argmax(-1) == y[rows]).sum())
+        if adapted.replay is not None:
+            adapted.replay([leaf.grad for leaf in leaves])
+            return Outcome(total, correct / n)
+        pairs = [(t, leaf.grad) for t, leaf in zip(ends, leaves) if t.requires_grad and leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        return Outcome(total, correct / n)
+
     def evaluate(self, batch: EpisodeBatch) -> Outcome:
-        adapted = self.adapt(batch, create_graph=False, detach_meta=True)
+        vocab = self.episode_vocab(batch)
+        adapted = self._adapt(batch, vocab, create_graph=False, detach_meta=True)
         with torch.no_grad():
-            out = _score(query_logits(self.encoder, batch.query, adapted), batch.query_y)
+            out = _score(query_logits(self.encoder, _remap(vocab, batch.query), adapted), batch.query_y)
         return Outcome(float(out.loss), out.acc)
+
+
+def _remap(vocab: EpisodeVocab | None, inputs: Inputs) -> Inputs:
+    return inputs if vocab is None else vocab.remap(inputs)
 
 
 class MAML(MetaLearner):
@@ -208,16 +282,21 @@ class Reptile(MetaLearner):
         raise NotImplementedError("Reptile has no meta-loss; use outer_backward")
 
     def outer_backward(self, batch: EpisodeBatch, weight: float = 1.0) -> Outcome:
-        adapted = self.adapt(batch, create_graph=False, detach_meta=True)
+        vocab = self.episode_vocab(batch)
+        adapted = self._adapt(batch, vocab, create_graph=False, detach_meta=True)
         weights = self.encoder.named_weights()
         for n in self.adapt_names:
             p = weights[n]
             if not p.requires_grad:
                 continue
-            step = (p.detach() - adapted.encoder[n].detach()) * weight
+            moved = adapted.encoder[n].detach()
+            if vocab is not None and n == vocab.name:  # rows outside the slice did not move
+                step = torch.zeros_like(p).index_copy_(0, vocab.ids, (vocab.slice(p.detach()) - moved) * weight)
+            else:
+                step = (p.detach() - moved) * weight
             p.grad = step if p.grad is None else p.grad + step
         with torch.no_grad():
-            out = _score(query_logits(self.encoder, batch.query, adapted), batch.query_y)
+            out = _score(query_logits(self.encoder, _remap(vocab, batch.query), adapted), batch.query_y)
         return Outcome(float(out.loss), out.acc)
 
 
@@ -262,7 +341,7 @@ def build_learner(model: nn.Module, cfg: LearnerConfig) -> MetaLearner:
         raise ConfigError(f"meta.algorithm={cfg.algorithm!r}: allowed {', '.join(ALGORITHMS)}")
     if cfg.adapt == "lora" and cls.scope_override is None:
         model = add_lora(model, cfg.lora_rank, list(cfg.lora_targets) if cfg.lora_targets else None)
-    return cls(Encoder(model, cfg.pooling, checkpointing=cfg.checkpointing), cfg)
+    return cls(Encoder(model, cfg.pooling, checkpointing=cfg.checkpointing, length_groups=cfg.length_groups), cfg)
 
 
 def _key(name: str) -> str:

@@ -38,13 +38,20 @@ class Encoder(nn.Module):
     * `checkpointing=True` recomputes each layer's activations in the backward pass instead
       of storing them (non-reentrant `torch.utils.checkpoint`; fast weights are passed to the
       checkpointed function explicitly, so the recomputation uses the same weights).
+
+    `length_groups=g > 1` runs a right-padded set as up to g groups of similar length, each
+    cut to its own longest row (`length_groups`): a set of short texts padded to its one long
+    outlier then costs what its real tokens cost. Padding never changes a real token's output
+    (it is masked), so the embeddings are the same; only the work drops.
     """
 
-    def __init__(self, model: nn.Module, pooling: str = "mean", checkpointing: bool = False):
+    def __init__(self, model: nn.Module, pooling: str = "mean", checkpointing: bool = False,
+                 length_groups: int = 1):
         super().__init__()
         self.model = model
         self.pooling = pooling
         self.checkpointing = checkpointing
+        self.length_groups = length_groups
         self._stack = _find_stack(model)  # (name prefix, core model) or None
 
     @property
@@ -58,8 +65,14 @@ class Encoder(nn.Module):
     def forward(self, inputs: dict[str, torch.Tensor], params: Params | None = None,
                 prefix: Prefix | None = None) -> torch.Tensor:
         """Pooled embeddings [B, d] (fp32 even under bf16 autocast) of tokenized `inputs`."""
+        groups = length_groups(inputs.get("attention_mask"), self.length_groups) if prefix is None else None
         with _cpu_attention(inputs):
-            return self._forward(inputs, params, prefix)
+            if groups is None:
+                return self._forward(inputs, params, prefix)
+            parts = [self._forward({k: v[rows, :width] for k, v in inputs.items()}, params, None)
+                     for rows, width in groups]
+        order = torch.cat([rows for rows, _ in groups])
+        return torch.cat(parts)[torch.argsort(order)]  # back to the input order
 
     def _forward(self, inputs, params, prefix) -> torch.Tensor:
         if prefix is not None or self._checkpoint_layers:
@@ -168,6 +181,23 @@ def _cpu_attention(inputs: dict[str, torch.Tensor]):
 def attention_for(create_graph: bool):
     """Fused SDPA kernels have no double backward; second-order steps use the math kernel."""
     return sdpa_kernel([SDPBackend.MATH]) if create_graph else contextlib.nullcontext()
+
+
+def length_groups(mask: torch.Tensor | None, groups: int) -> list[tuple[torch.Tensor, int]] | None:
+    """(row indices, width) of up to `groups` groups of rows sorted by length, each as wide as
+    its longest row; None when one group it is (groups <= 1, no or left padding, or a split
+    would save under 10% of the padded tokens)."""
+    if groups <= 1 or mask is None or mask.dim() != 2 or mask.shape[0] < 2 * groups:
+        return None
+    lengths = mask.sum(1)
+    right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all()) and bool((mask.sum(1) > 0).all())
+    if not right_padded:
+        return None
+    order = torch.argsort(lengths, stable=True)
+    split = [(rows, int(lengths[rows].max())) for rows in order.tensor_split(groups)]
+    if sum(len(rows) * width for rows, width in split) > 0.9 * mask.numel():
+        return None
+    return split
 
 
 def layer_index(name: str) -> int | None:
