@@ -314,7 +314,7 @@ def _train(params, ctx, out, texts, train_eps, val_eps, fp, resume, stop, on_ste
             with amp():
                 o = learner.outer_backward(make(stream[state["position"] + j]), weight=1.0 / B)
             sums = [sums[0] + o.loss, sums[1] + o.acc, sums[2] + 1]
-        D.sync_grads(meta_params, ctx)
+        D.sync_grads(meta_params, ctx, learner.row_sparse_parameters())
         if m.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(meta_params, m.max_grad_norm)
         optimizer.step()
