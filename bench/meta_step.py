@@ -5,19 +5,23 @@
 
 The episode is drawn (fixed seed) from one domain of the packaged corpus (real short
 texts); every row runs 5 inner steps. Each row runs in its own process, so `peak_mb` is
-that process's peak resident memory.
+that process's peak resident memory, and is timed after one warm-up step (the first step
+also pays for first-touch memory and kernel setup).
 
 rows
   reference     second-order MAML, every parameter adapted, fp32, inputs padded to 64 tokens,
                 in metaloop (torch.func.functional_call) and in `higher` (monkeypatch), the
                 same math; their meta-gradients must agree (relative difference <= 1e-4).
                 `higher` is needed only here: pip install higher (never a project dependency).
-  checkpointed  the reference with layer-wise activation checkpointing.
+  checkpointed  the reference with metaloop's memory savers: inner steps replayed one at a
+                time in the backward pass (meta.activation_checkpointing) and the outer loss
+                15 queries at a time (meta.query_chunk); the same meta-gradient.
   default       the same algorithm under params.yaml's meta/backbone settings where given,
-                else DEFAULT below: dynamic padding, top-2 layers adapted (the four lower
-                layers run once per episode, not once per inner step), bf16 autocast.
-  scaling       the default step under torchrun with 1 and 2 ranks, one thread per rank:
-                episodes per second (gloo all-reduce of the meta-gradient included).
+                else DEFAULT below: dynamic padding in length groups (meta.length_groups),
+                top-2 layers adapted (the four lower layers run once per episode, not once per
+                inner step), bf16 autocast.
+  scaling       the default step under torchrun with 1 and 2 ranks, one thread per rank, the
+                same episodes both times: episodes per second (gloo all-reduce included).
 
 GFLOP/s counts the FLOPs really executed (torch.utils.flop_counter, forward, backward and
 double backward, for the tokens actually processed, padding included where it is padded)
@@ -50,8 +54,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-DEFAULT = {"adapt": "top_k", "top_k": 2, "bf16": True, "padding": "longest", "max_length": 64}
+DEFAULT = {"adapt": "top_k", "top_k": 2, "bf16": True, "padding": "longest", "max_length": 64, "length_groups": 2,
+           "query_chunk": 0}
 WAYS, SHOTS, QUERIES, INNER_STEPS, INNER_LR = 5, 5, 15, 5, 0.01
+QUERY_CHUNK = 15  # checkpointed row: the outer loss 15 queries at a time
 
 
 # ---------------------------------------------------------------- episode and models
@@ -85,7 +91,8 @@ def default_settings() -> dict:
 
         p = load_params(path)
         fields = p.meta.model_fields_set
-        settings.update({k: getattr(p.meta, k) for k in ("adapt", "top_k", "bf16") if k in fields})
+        keys = ("adapt", "top_k", "bf16", "length_groups", "query_chunk")
+        settings.update({k: getattr(p.meta, k) for k in keys if k in fields})
         settings["max_length"] = p.backbone.max_length
     return settings
 
@@ -96,9 +103,12 @@ def learner_for(config: str):
 
     model, tok = load_backbone("packaged:all-MiniLM-L6-v2")
     model.train()
-    s = default_settings() if config == "default" else {"adapt": "all", "top_k": 2}
+    saver = config == "checkpointed"
+    s = default_settings() if config == "default" else \
+        {"adapt": "all", "top_k": 2, "length_groups": 1, "query_chunk": QUERY_CHUNK if saver else 0}
     cfg = LearnerConfig(algorithm="maml", adapt=s["adapt"], top_k=s["top_k"], inner_steps=INNER_STEPS,
-                        inner_lr=INNER_LR, checkpointing=config == "checkpointed")
+                        inner_lr=INNER_LR, checkpointing=saver, query_chunk=s["query_chunk"],
+                        length_groups=s["length_groups"])
     for m in model.modules():  # dropout off: the two implementations must see the same function
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -172,8 +182,7 @@ def worker(impl: str, config: str, repeat: int, grads_out: str | None) -> dict:
     s = default_settings() if config == "default" else {"padding": "max_length", "max_length": 64, "bf16": False}
     batch = episode(tok, s["padding"], s["max_length"])
     step = (lambda: higher_step(learner, batch)) if impl == "higher" else (lambda: metaloop_step(learner, batch, s["bf16"]))
-    if config == "default":
-        step()  # warm-up (cheap here; the heavy rows are timed cold, once)
+    step()  # warm-up: the first step also pays for first-touch memory and kernel setup
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -195,24 +204,28 @@ def worker(impl: str, config: str, repeat: int, grads_out: str | None) -> dict:
             "tokens_per_set": tokens}
 
 
-def scaling_worker(steps: int, out: str) -> None:
+def scaling_worker(episodes: int, out: str) -> None:
+    """Episodes 0..episodes-1 of one fixed list, episode j on rank j % world: 1 and 2 ranks do
+    the same work (a rank-seeded draw would give the 2-rank run other, longer or shorter, texts)."""
     from metaloop.meta import dist as D
 
     ctx = D.setup()
     torch.set_num_threads(1)
     learner, tok = learner_for("default")
     s = default_settings()
-    batches = [episode(tok, s["padding"], s["max_length"], seed=ctx.rank * 1000 + i) for i in range(steps + 1)]
+    steps = episodes // ctx.world
+    batches = [episode(tok, s["padding"], s["max_length"], seed=j) for j in range(ctx.rank, episodes, ctx.world)]
+    warm = episode(tok, s["padding"], s["max_length"], seed=10_000 + ctx.rank)
     params = learner.meta_parameters()
     opt = torch.optim.Adam(params, lr=1e-5)
 
     def step(b):
         opt.zero_grad(set_to_none=True)
         metaloop_step(learner, b, s["bf16"])
-        D.sync_grads(params, ctx)
+        D.sync_grads(params, ctx, learner.row_sparse_parameters())
         opt.step()
 
-    step(batches[-1])  # warm-up
+    step(warm)
     D.barrier(ctx)
     t0 = time.perf_counter()
     for b in batches[:steps]:
@@ -220,7 +233,8 @@ def scaling_worker(steps: int, out: str) -> None:
     D.barrier(ctx)
     seconds = time.perf_counter() - t0
     if ctx.is_main:
-        Path(out).write_text(json.dumps({"ranks": ctx.world, "episodes_per_s": ctx.world * steps / seconds}))
+        Path(out).write_text(json.dumps({"ranks": ctx.world, "episodes_per_s": ctx.world * steps / seconds,
+                                         "seconds": seconds}))
     D.teardown(ctx)
 
 
@@ -258,8 +272,8 @@ def grad_difference(a_path: str, b_path: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="reference,checkpointed,default,scaling")
-    ap.add_argument("--repeat", type=int, default=1, help="timed steps per row (best is reported)")
-    ap.add_argument("--scaling-steps", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=1, help="timed steps per row after one warm-up (best is reported)")
+    ap.add_argument("--scaling-episodes", type=int, default=8, help="episodes each scaling run processes")
     ap.add_argument("--threads", type=int, default=2, help="threads for the single-process rows")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -271,7 +285,7 @@ def main() -> None:
         print(json.dumps(worker(impl, config, args.repeat, args.grads_out)))
         return
     if args.scaling_worker:
-        scaling_worker(args.scaling_steps, args.scaling_worker)
+        scaling_worker(args.scaling_episodes, args.scaling_worker)
         return
 
     os.environ["BENCH_THREADS"] = str(args.threads)
@@ -299,7 +313,7 @@ def main() -> None:
             for n in (1, 2):
                 out = f"{tmp}/scaling-{n}.json"
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
-                       __file__, "--scaling-worker", out, "--scaling-steps", str(args.scaling_steps)]
+                       __file__, "--scaling-worker", out, "--scaling-episodes", str(args.scaling_episodes)]
                 subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
                 scaling["episodes_per_s"].append(json.loads(Path(out).read_text())["episodes_per_s"])
 
