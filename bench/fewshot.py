@@ -333,7 +333,8 @@ def _finetune_method(cfg: BenchConfig, params: Params, model, tok, init_folder: 
                          threads=cfg.threads)
         return AdaptFitMethod(init_folder, ap, max_length=params.backbone.max_length, seed=params.seed)
     return Finetune(model, tok, cfg.finetune, pooling=params.backbone.pooling,
-                    max_length=params.backbone.max_length, seed=params.seed)
+                    max_length=params.backbone.max_length, seed=params.seed,
+                    centroids=baseline_centroids(cfg, params))
 
 
 def _meta_params(cfg: BenchConfig, params: Params, algorithm: str, out: Path, steps: int | None = None) -> Params:
@@ -682,6 +683,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
     a("--ft-head", choices=["proto", "random"], help="head initialisation (default proto: the centroid classifier)")
     a("--ft-proto-scale", type=float, help="scale of the prototype head's logits (default 1)")
     a("--ft-no-dropout", action="store_true", help="fine-tune in eval mode (no dropout)")
+    a("--ft-classifier", choices=["linear", "centroids"],
+      help="head to fine-tune: linear (default) or the centroid classifier (--centroid-metric, --label-shots)")
     a("--pretrain-epochs", type=int)
     a("--pretrain-steps", type=int)
     a("--pretrain-minutes", type=float, help="default: --meta-minutes")
@@ -710,7 +713,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
                             ("batch_size", args.ft_batch), ("scope", args.ft_scope),
                             ("proto_scale", args.ft_proto_scale),
                             ("prototype_head", None if args.ft_head is None else args.ft_head == "proto"),
-                            ("dropout", False if args.ft_no_dropout else None)) if v is not None}
+                            ("dropout", False if args.ft_no_dropout else None),
+                            ("classifier", args.ft_classifier)) if v is not None}
     pt = {k: v for k, v in (("epochs", args.pretrain_epochs), ("max_steps", args.pretrain_steps),
                             ("minutes", args.pretrain_minutes), ("lr", args.pretrain_lr),
                             ("patience", args.patience)) if v is not None}

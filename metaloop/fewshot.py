@@ -300,6 +300,9 @@ class FinetuneParams(_Strict):
         1.0, description="Multiply the prototype head (its logits) by this; < 1 softens a head whose support loss "
                          "starts near 0 (with 1 shot each support row *is* its prototype) so gradients flow.")
     eval_batch_size: PositiveInt = 128
+    classifier: Literal["linear", "centroids"] = Field(
+        "linear", description="linear: a linear layer; centroids: the centroid classifier given to `Finetune` "
+                              "(its metric, the class names as rows), its class vectors trained with the encoder.")
 
     def steps_for(self, n_support: int) -> int:
         return max(self.min_steps, self.epochs * math.ceil(n_support / self.batch_size))
@@ -315,42 +318,72 @@ def _head_from_prototypes(z: torch.Tensor, y: torch.Tensor, ways: int, proto: bo
     return head
 
 
+class CentroidHead(nn.Module):
+    """A `Centroids` classifier whose class vectors are parameters (initialised to the prototypes)."""
+
+    def __init__(self, protos: torch.Tensor, centroids: Centroids):
+        super().__init__()
+        self.weight = nn.Parameter(protos.detach().clone())
+        self.centroids = centroids
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.centroids.logits(z, self.weight)
+
+
 def finetune_encoder(
     model: nn.Module, tokenizer, texts: Sequence[str], y: Sequence[int], ways: int, params: FinetuneParams,
     *, pooling: str = "mean", max_length: int = 64, seed: int = 13,
-) -> tuple[Encoder, nn.Linear, list[float]]:
-    """Fine-tune a deep copy of `model` (an `AutoModel`) and a linear head on (texts, y).
+    labels: Sequence[str] | None = None, centroids: Centroids | None = None,
+) -> tuple[Encoder, nn.Module, list[float]]:
+    """Fine-tune a deep copy of `model` (an `AutoModel`) and a head on (texts, y).
 
-    Returns (encoder in eval mode, head, per-step losses); `model` itself is not touched.
+    params.classifier=centroids trains a `CentroidHead` built by `centroids` instead of a
+    linear head; with `centroids.label_shots` > 0 the class names (`labels`) join the prototypes
+    and the training rows, weighted by label_shots. Returns (encoder in eval mode, head,
+    per-step losses); `model` itself is not touched.
     """
+    rows, targets, weights = list(texts), list(y), [1.0] * len(texts)
+    use_names = params.classifier == "centroids" and centroids is not None and centroids.uses_labels
+    if params.classifier == "centroids" and centroids is None:
+        raise ValueError("FinetuneParams.classifier=centroids needs the `centroids` classifier")
+    if use_names:
+        if labels is None or len(labels) != ways:
+            raise ValueError(f"centroids with label_shots > 0 need the {ways} class names (labels)")
+        rows += [label_text(n) for n in labels]
+        targets += list(range(ways))
+        weights += [centroids.label_shots] * ways
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         enc = Encoder(copy.deepcopy(model), pooling)
         trainable = set(adapt_names(enc, params.scope, params.top_k))
         for name, p in enc.named_weights().items():
             p.requires_grad_(name in trainable)
-        y_t = torch.tensor(list(y), dtype=torch.long)
+        y_t, w_t = torch.tensor(targets, dtype=torch.long), torch.tensor(weights)
         enc.eval()
         with torch.no_grad():
-            z0 = torch.cat([enc(tokenize(tokenizer, [texts[i] for i in idx], max_length))
-                            for idx in batches(len(texts), params.eval_batch_size)])
-        head = _head_from_prototypes(z0, y_t, ways, params.prototype_head, params.proto_scale)
+            z0 = torch.cat([enc(tokenize(tokenizer, [rows[i] for i in idx], max_length))
+                            for idx in batches(len(rows), params.eval_batch_size)])
+        n = len(texts)
+        if params.classifier == "centroids":
+            head = CentroidHead(centroids.prototypes(z0[:n], y_t[:n], ways, z0[n:] if use_names else None), centroids)
+        else:
+            head = _head_from_prototypes(z0, y_t, ways, params.prototype_head, params.proto_scale)
         groups = [g for g in (
             {"params": [p for p in enc.parameters() if p.requires_grad], "lr": params.lr},
             {"params": list(head.parameters()), "lr": params.head_lr},
         ) if g["params"]]
         opt = torch.optim.AdamW(groups, weight_decay=params.weight_decay)
-        total = params.steps_for(len(texts))
+        total = params.steps_for(len(rows))
         sched = linear_schedule(opt, total, params.warmup)
         rng = random.Random(f"finetune:{seed}")
         enc.train(params.dropout)
         losses: list[float] = []
         while len(losses) < total:
-            for idx in batches(len(texts), params.batch_size, rng):
+            for idx in batches(len(rows), params.batch_size, rng):
                 if len(losses) >= total:
                     break
-                logits = head(enc(tokenize(tokenizer, [texts[i] for i in idx], max_length)))
-                loss = F.cross_entropy(logits, y_t[idx])
+                logits = head(enc(tokenize(tokenizer, [rows[i] for i in idx], max_length)))
+                loss = (F.cross_entropy(logits, y_t[idx], reduction="none") * w_t[idx]).sum() / w_t[idx].sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -378,14 +411,16 @@ class Finetune:
     """Fine-tune a fresh copy of `model` on each episode's support set, score its queries."""
 
     def __init__(self, model: nn.Module, tokenizer, params: FinetuneParams, *, pooling: str = "mean",
-                 max_length: int = 64, seed: int = 13):
+                 max_length: int = 64, seed: int = 13, centroids: Centroids | None = None):
         self.model, self.tokenizer, self.params = model, tokenizer, params
         self.pooling, self.max_length, self.seed = pooling, max_length, seed
+        self.centroids = centroids
 
     def accuracy(self, episode: Episode, texts_of: TextsOf) -> float:
         enc, head, _ = finetune_encoder(
             self.model, self.tokenizer, texts_of(episode.support_ids), episode.support_y, episode.ways,
             self.params, pooling=self.pooling, max_length=self.max_length, seed=self.seed,
+            labels=list(episode.labels), centroids=self.centroids,
         )
         pred = predict(enc, head, self.tokenizer, texts_of(episode.query_ids), self.max_length,
                        self.params.eval_batch_size)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from metaloop.episodes import Episode
@@ -182,6 +183,37 @@ def test_finetune_trains_a_copy(tiny, toy_episode_and_texts):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed in the source model"
     assert any(not torch.equal(p, before[n]) for n, p in enc.model.state_dict().items())
+
+
+def test_finetune_with_the_centroid_classifier_starts_at_the_prototypes(tiny, toy_episode_and_texts):
+    from metaloop.fewshot import CentroidHead
+    from metaloop.meta.encoder import Encoder
+    from metaloop.meta.head import label_text
+
+    model, tok = tiny
+    ep, texts_of = toy_episode_and_texts
+    texts, labels = texts_of(ep.support_ids), list(ep.labels)
+    cos = Centroids("cosine", 10.0, label_shots=1.0)
+    common = {"epochs": 15, "lr": 3e-3, "head_lr": 3e-2, "batch_size": 8, "dropout": False, "classifier": "centroids"}
+    # zero steps: the head is exactly the centroid classifier, class names included
+    frozen = FinetuneParams(**{**common, "epochs": 1, "min_steps": 0, "lr": 1e-12, "head_lr": 1e-12})
+    enc, head, _ = finetune_encoder(model, tok, texts, ep.support_y, ep.ways, frozen, max_length=32,
+                                    labels=labels, centroids=cos)
+    assert isinstance(head, CentroidHead)
+    base = Encoder(model).eval()
+    with torch.no_grad():
+        from metaloop.meta.data import tokenize
+
+        zs, zl = base(tokenize(tok, texts, 32)), base(tokenize(tok, [label_text(n) for n in labels], 32))
+        expected = cos.prototypes(zs, torch.tensor(ep.support_y), ep.ways, zl)
+    torch.testing.assert_close(F.normalize(head.weight.detach(), dim=-1), F.normalize(expected, dim=-1),
+                               atol=1e-4, rtol=1e-4)
+    enc, head, losses = finetune_encoder(model, tok, texts, ep.support_y, ep.ways, FinetuneParams(**common),
+                                         max_length=32, labels=labels, centroids=cos)
+    assert losses[-1] < losses[0]
+    assert len(losses) == FinetuneParams(**common).steps_for(len(texts) + ep.ways)  # names are rows too
+    with pytest.raises(ValueError, match="needs the `centroids` classifier"):
+        finetune_encoder(model, tok, texts, ep.support_y, ep.ways, FinetuneParams(**common), max_length=32)
 
 
 def test_prototype_head_is_the_centroid_classifier_scaled():
