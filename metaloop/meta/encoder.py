@@ -65,12 +65,15 @@ class Encoder(nn.Module):
     def forward(self, inputs: dict[str, torch.Tensor], params: Params | None = None,
                 prefix: Prefix | None = None) -> torch.Tensor:
         """Pooled embeddings [B, d] (fp32 even under bf16 autocast) of tokenized `inputs`."""
-        groups = length_groups(inputs.get("attention_mask"), self.length_groups) if prefix is None else None
+        if isinstance(prefix, GroupedPrefix):
+            groups, prefixes = prefix.groups, prefix.parts
+        else:
+            groups = length_groups(inputs.get("attention_mask"), self.length_groups) if prefix is None else None
+            prefixes = [None] * len(groups or [])
         with _cpu_attention(inputs):
             if groups is None:
                 return self._forward(inputs, params, prefix)
-            parts = [self._forward({k: v[rows, :width] for k, v in inputs.items()}, params, None)
-                     for rows, width in groups]
+            parts = [self._forward(_rows(inputs, group), params, p) for group, p in zip(groups, prefixes)]
         order = torch.cat([rows for rows, _ in groups])
         return torch.cat(parts)[torch.argsort(order)]  # back to the input order
 
@@ -89,10 +92,15 @@ class Encoder(nn.Module):
         """Parameters by the names `forward(params=...)` expects."""
         return dict(self.model.named_parameters())
 
-    def prefix(self, inputs: dict[str, torch.Tensor], upto: int) -> Prefix:
-        """Hidden states after the embeddings and layers [0, upto), at the module's own weights."""
+    def prefix(self, inputs: dict[str, torch.Tensor], upto: int) -> Prefix | GroupedPrefix:
+        """Hidden states after the embeddings and layers [0, upto), at the module's own weights
+        (one per length group when `length_groups` splits the set)."""
+        groups = length_groups(inputs.get("attention_mask"), self.length_groups)
         with _cpu_attention(inputs):
-            return self._layers(self._embed(inputs, {}), {}, stop=upto)
+            if groups is None:
+                return self._layers(self._embed(inputs, {}), {}, stop=upto)
+            return GroupedPrefix(groups, [self._layers(self._embed(_rows(inputs, g), {}), {}, stop=upto)
+                                          for g in groups])
 
     def split_point(self, names: list[str]) -> int:
         """Lowest layer any of `names` lives in (0: no frozen prefix to compute once)."""
@@ -124,6 +132,30 @@ class Prefix:
 
     def __init__(self, hidden: torch.Tensor, mask, start: int):
         self.hidden, self.mask, self.start = hidden, mask, start
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.hidden]
+
+    def with_tensors(self, hidden: list[torch.Tensor]) -> Prefix:
+        return Prefix(hidden[0], self.mask, self.start)
+
+
+class GroupedPrefix:
+    """One `Prefix` per length group (`groups` as `length_groups` returns them)."""
+
+    def __init__(self, groups: list[tuple[torch.Tensor, int]], parts: list[Prefix]):
+        self.groups, self.parts = groups, parts
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [p.hidden for p in self.parts]
+
+    def with_tensors(self, hidden: list[torch.Tensor]) -> GroupedPrefix:
+        return GroupedPrefix(self.groups, [p.with_tensors([h]) for p, h in zip(self.parts, hidden)])
+
+
+def _rows(inputs: dict[str, torch.Tensor], group: tuple[torch.Tensor, int]) -> dict[str, torch.Tensor]:
+    rows, width = group
+    return {k: v[rows, :width] for k, v in inputs.items()}
 
 
 def _sub(params: Params, prefix: str) -> Params:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from metaloop.meta.data import Inputs
-from metaloop.meta.encoder import Encoder, Params, Prefix, attention_for
+from metaloop.meta.encoder import Encoder, GroupedPrefix, Params, Prefix, attention_for
 from metaloop.meta.head import Head, head_logits, proto_head
 
 HEAD_KEYS = ("head.weight", "head.bias")
@@ -46,7 +46,7 @@ class _Support:
     y: torch.Tensor
     keys: list[str]
     lr: LearningRate
-    prefix: Prefix | None
+    prefix: Prefix | GroupedPrefix | None
 
     def forward(self, cur: list[torch.Tensor], create_graph: bool) -> torch.Tensor:
         with attention_for(create_graph and bool(self.keys)):
@@ -144,13 +144,12 @@ def inner_loop_replayed(
     sup, theta = _setup(encoder, support, support_y, names, lr, start, detach_meta=False)
     prefix = sup.prefix
     if prefix is not None:  # one backward through the shared lower layers, at the end
-        sup.prefix = Prefix(_leaf(prefix.hidden) if prefix.hidden.requires_grad else prefix.hidden,
-                            prefix.mask, prefix.start)
-    state = [_leaf(t) for t in theta], None, None
+        sup.prefix = prefix.with_tensors([_leaf(h) if h.requires_grad else h for h in prefix.tensors()])
+    cur = [_leaf(t) for t in theta]
     with torch.enable_grad():
-        z = sup.forward(state[0], False)
+        z = sup.forward(cur, False)
     init = proto_head(z.detach(), support_y, ways)
-    state = (state[0], _leaf(init["weight"]), _leaf(init["bias"]))
+    state = (cur, _leaf(init["weight"]), _leaf(init["bias"]))
     starts, losses, kept = [], [], None
     for k in range(steps):
         starts.append(tuple(t.detach() for t in (*state[0], state[1], state[2])))
@@ -186,8 +185,11 @@ def inner_loop_replayed(
             if k > 0:
                 grads = [t.grad for t in (*cur, w, b)]
             del out
-        if prefix is not None and sup.prefix.hidden.grad is not None:
-            torch.autograd.backward(prefix.hidden, sup.prefix.hidden.grad)
+        if prefix is not None:
+            pairs = [(h, leaf.grad) for h, leaf in zip(prefix.tensors(), sup.prefix.tensors())
+                     if leaf.grad is not None]
+            if pairs:
+                torch.autograd.backward([h for h, _ in pairs], [g for _, g in pairs])
 
     return Adapted(dict(zip(names, state[0])), {"weight": state[1], "bias": state[2]}, losses, replay)
 

@@ -135,3 +135,20 @@ def test_length_groups_give_the_same_embeddings_and_meta_gradient(tiny):
     fewer, grouped_loss = _meta_grads(model, batch, algorithm="maml", length_groups=2)
     assert grouped_loss == pytest.approx(loss, rel=1e-9)
     _assert_same(fewer, plain)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_length_groups_reach_the_frozen_prefix(tiny, checkpointing):
+    # top_k: the lower layers run once per episode, per length group, and still get meta-gradients
+    from metaloop.meta.encoder import GroupedPrefix
+
+    model, tok = tiny
+    batch = _varied_batch(tok)
+    model = model.double()
+    assert isinstance(Encoder(model, length_groups=2).prefix(batch.support, 1), GroupedPrefix)
+    cfg = {"algorithm": "maml", "adapt": "top_k", "top_k": 1, "checkpointing": checkpointing}
+    plain, loss = _meta_grads(model, batch, **cfg)
+    grouped, grouped_loss = _meta_grads(model, batch, length_groups=2, **cfg)
+    assert grouped_loss == pytest.approx(loss, rel=1e-9)
+    _assert_same(grouped, plain)
+    assert all(float(g.abs().sum()) > 0 for g in plain[:3])
