@@ -3,13 +3,16 @@
 Modules, each with one concern:
 
 * `encoder`    - the Hugging Face encoder as a function of its parameters
-                 (`torch.func.functional_call`), adapt scopes (all / top_k / head / lora).
+                 (`torch.func.functional_call`), adapt scopes (all / top_k / head / lora),
+                 length groups (each set padded per group of similar lengths).
 * `pooling`    - token states -> sentence embedding (mean or cls).
 * `head`       - the any-N classification head: a linear layer initialised from the support
                  prototypes (W_k = 2 c_k, b_k = -||c_k||^2, "Proto-MAML"), so episodes with any
                  number of classes share one meta-learned encoder and nothing class-specific
                  is stored.
-* `inner`      - the inner loop (fast weights as dicts, first or second order).
+* `inner`      - the inner loop (fast weights as dicts, first or second order), and its
+                 replayed variant that keeps one step's graph at a time (memory saver).
+* `vocab`      - the episode vocabulary: only the word-embedding rows an episode uses adapt.
 * `algorithms` - maml, fomaml, reptile, protonet, metasgd, anil behind one interface.
 * `data`       - episodes as token tensors.
 * `dist`, `checkpoint` - distributed helpers and resumable checkpoints for `metaloop.train`.
