@@ -222,7 +222,7 @@ def length_groups(mask: torch.Tensor | None, groups: int) -> list[tuple[torch.Te
     if groups <= 1 or mask is None or mask.dim() != 2 or mask.shape[0] < 2 * groups:
         return None
     lengths = mask.sum(1)
-    right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all()) and bool((mask.sum(1) > 0).all())
+    right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all()) and bool((lengths > 0).all())
     if not right_padded:
         return None
     order = torch.argsort(lengths, stable=True)
