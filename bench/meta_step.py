@@ -219,22 +219,30 @@ def scaling_worker(episodes: int, out: str) -> None:
     params = learner.meta_parameters()
     opt = torch.optim.Adam(params, lr=1e-5)
 
+    spent = {"compute": 0.0, "sync": 0.0}  # sync includes waiting for the slower rank
+
     def step(b):
+        t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         metaloop_step(learner, b, s["bf16"])
+        t_sync = time.perf_counter()
         D.sync_grads(params, ctx, learner.row_sparse_parameters())
         opt.step()
+        spent["compute"] += t_sync - t
+        spent["sync"] += time.perf_counter() - t_sync
 
     step(warm)
     D.barrier(ctx)
+    spent.update(compute=0.0, sync=0.0)
     t0 = time.perf_counter()
     for b in batches[:steps]:
         step(b)
     D.barrier(ctx)
     seconds = time.perf_counter() - t0
+    per_rank = D.all_gather_object({k: round(v, 2) for k, v in spent.items()}, ctx)
     if ctx.is_main:
         Path(out).write_text(json.dumps({"ranks": ctx.world, "episodes_per_s": ctx.world * steps / seconds,
-                                         "seconds": seconds}))
+                                         "seconds": seconds, "per_rank": per_rank}))
     D.teardown(ctx)
 
 
@@ -315,7 +323,9 @@ def main() -> None:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
                        __file__, "--scaling-worker", out, "--scaling-episodes", str(args.scaling_episodes)]
                 subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-                scaling["episodes_per_s"].append(json.loads(Path(out).read_text())["episodes_per_s"])
+                result = json.loads(Path(out).read_text())
+                scaling["episodes_per_s"].append(result["episodes_per_s"])
+                scaling.setdefault("per_rank_seconds", []).append(result["per_rank"])
 
     for r in rows:
         r["gflops_per_s"] = r["flops"] / r["seconds_per_step"] / 1e9 if r.get("flops") else None
@@ -351,6 +361,9 @@ def report(peak: dict, rows: list[dict], scaling: dict | None, extra: dict) -> N
     if scaling and len(scaling["episodes_per_s"]) == 2:
         one, two = scaling["episodes_per_s"]
         print(f"scaling (1 thread per rank): 1 rank {one:.3f}, 2 ranks {two:.3f} episodes/s ({two / one:.2f}x)")
+        for n, ranks in zip(scaling["ranks"], scaling.get("per_rank_seconds", [])):
+            print(f"  {n} rank(s), seconds per rank (compute / all-reduce + Adam + waiting): "
+                  + ", ".join(f"{r['compute']:.1f} / {r['sync']:.1f}" for r in ranks))
 
 
 if __name__ == "__main__":
