@@ -189,10 +189,10 @@ class MetaLearner(nn.Module):
             correct += int((logits.argmax(-1) == y[rows]).sum())
         if adapted.replay is not None:
             adapted.replay([leaf.grad for leaf in leaves])
-            return Outcome(total, correct / n)
-        pairs = [(t, leaf.grad) for t, leaf in zip(ends, leaves) if t.requires_grad and leaf.grad is not None]
-        if pairs:
-            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        else:
+            pairs = [(t, leaf.grad) for t, leaf in zip(ends, leaves) if t.requires_grad and leaf.grad is not None]
+            if pairs:
+                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
         return Outcome(total, correct / n)
 
     def evaluate(self, batch: EpisodeBatch) -> Outcome:
@@ -291,9 +291,8 @@ class Reptile(MetaLearner):
                 continue
             moved = adapted.encoder[n].detach()
             if vocab is not None and n == vocab.name:  # rows outside the slice did not move
-                step = torch.zeros_like(p).index_copy_(0, vocab.ids, (vocab.slice(p.detach()) - moved) * weight)
-            else:
-                step = (p.detach() - moved) * weight
+                moved = vocab.unslice(p.detach(), moved)
+            step = (p.detach() - moved) * weight
             p.grad = step if p.grad is None else p.grad + step
         with torch.no_grad():
             out = _score(query_logits(self.encoder, _remap(vocab, batch.query), adapted), batch.query_y)
