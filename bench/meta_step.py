@@ -21,7 +21,9 @@ rows
                 top-2 layers adapted (the four lower layers run once per episode, not once per
                 inner step), bf16 autocast.
   scaling       the default step under torchrun with 1 and 2 ranks, one thread per rank, the
-                same episodes both times: episodes per second (gloo all-reduce included).
+                same outer steps of 2 episodes both times (1 rank runs both, 2 ranks one
+                each, as metaloop.train splits a meta-batch): episodes per second, gloo
+                all-reduce and Adam included.
 
 GFLOP/s counts the FLOPs really executed (torch.utils.flop_counter, forward, backward and
 double backward, for the tokens actually processed, padding included where it is padded)
@@ -204,27 +206,32 @@ def worker(impl: str, config: str, repeat: int, grads_out: str | None) -> dict:
             "tokens_per_set": tokens}
 
 
-def scaling_worker(episodes: int, out: str) -> None:
-    """Episodes 0..episodes-1 of one fixed list, episode j on rank j % world: 1 and 2 ranks do
-    the same work (a rank-seeded draw would give the 2-rank run other, longer or shorter, texts)."""
+def scaling_worker(episodes: int, out: str, meta_batch: int = 2) -> None:
+    """Episodes 0..episodes-1 of one fixed list in outer steps of `meta_batch` episodes, split
+    across ranks as the trainer splits them (episode j of a step on rank j % world): 1 and 2 ranks
+    take the same optimizer steps on the same episodes (a rank-seeded draw would give the 2-rank
+    run other, longer or shorter, texts)."""
     from metaloop.meta import dist as D
 
     ctx = D.setup()
     torch.set_num_threads(1)
     learner, tok = learner_for("default")
     s = default_settings()
-    steps = episodes // ctx.world
-    batches = [episode(tok, s["padding"], s["max_length"], seed=j) for j in range(ctx.rank, episodes, ctx.world)]
-    warm = episode(tok, s["padding"], s["max_length"], seed=10_000 + ctx.rank)
+    steps = episodes // meta_batch
+    mine = [[episode(tok, s["padding"], s["max_length"], seed=i * meta_batch + j)
+             for j in range(ctx.rank, meta_batch, ctx.world)] for i in range(steps)]
+    warm = [episode(tok, s["padding"], s["max_length"], seed=10_000 + ctx.rank)]
     params = learner.meta_parameters()
-    opt = torch.optim.Adam(params, lr=1e-5)
+    opt = torch.optim.Adam(params, lr=1e-5, fused=True)  # as metaloop.train builds it
 
     spent = {"compute": 0.0, "sync": 0.0}  # sync includes waiting for the slower rank
 
-    def step(b):
+    def step(batches):
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        metaloop_step(learner, b, s["bf16"])
+        with torch.autocast("cpu", dtype=torch.bfloat16) if s["bf16"] else contextlib.nullcontext():
+            for b in batches:
+                learner.outer_backward(b, weight=1.0 / meta_batch)
         t_sync = time.perf_counter()
         D.sync_grads(params, ctx, learner.row_sparse_parameters())
         opt.step()
@@ -235,13 +242,13 @@ def scaling_worker(episodes: int, out: str) -> None:
     D.barrier(ctx)
     spent.update(compute=0.0, sync=0.0)
     t0 = time.perf_counter()
-    for b in batches[:steps]:
-        step(b)
+    for batches in mine:
+        step(batches)
     D.barrier(ctx)
     seconds = time.perf_counter() - t0
     per_rank = D.all_gather_object({k: round(v, 2) for k, v in spent.items()}, ctx)
     if ctx.is_main:
-        Path(out).write_text(json.dumps({"ranks": ctx.world, "episodes_per_s": ctx.world * steps / seconds,
+        Path(out).write_text(json.dumps({"ranks": ctx.world, "episodes_per_s": steps * meta_batch / seconds,
                                          "seconds": seconds, "per_rank": per_rank}))
     D.teardown(ctx)
 
@@ -317,12 +324,14 @@ def main() -> None:
                 rows.append(run_row("metaloop", config, args.repeat if config != "default" else 3))
         scaling = None
         if "scaling" in wanted:
+            from metaloop.meta.dist import worker_env
+
             scaling = {"ranks": [1, 2], "episodes_per_s": []}
             for n in (1, 2):
                 out = f"{tmp}/scaling-{n}.json"
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
                        __file__, "--scaling-worker", out, "--scaling-episodes", str(args.scaling_episodes)]
-                subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                subprocess.run(cmd, check=True, capture_output=True, env={**worker_env(1), "OMP_NUM_THREADS": "1"})
                 result = json.loads(Path(out).read_text())
                 scaling["episodes_per_s"].append(result["episodes_per_s"])
                 scaling.setdefault("per_rank_seconds", []).append(result["per_rank"])
