@@ -25,6 +25,10 @@ rows
                 each, as metaloop.train splits a meta-batch): episodes per second, gloo
                 all-reduce and Adam included.
 
+Every row's process, `higher`'s too, keeps freed memory as metaloop's training processes do
+(metaloop.meta.dist.keep_freed_memory: glibc malloc reuses it instead of page-faulting it in
+again every step).
+
 GFLOP/s counts the FLOPs really executed (torch.utils.flop_counter, forward, backward and
 double backward, for the tokens actually processed, padding included where it is padded)
 against the matrix-product peak of the row's precision, measured first on 2048x2048 fp32 and
@@ -179,6 +183,9 @@ class FlopCount(TorchDispatchMode):
 
 
 def worker(impl: str, config: str, repeat: int, grads_out: str | None) -> dict:
+    from metaloop.meta.dist import keep_freed_memory
+
+    keep_freed_memory()  # for every implementation, as metaloop.train does
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     learner, tok = learner_for(config)
     s = default_settings() if config == "default" else {"padding": "max_length", "max_length": 64, "bf16": False}
@@ -213,6 +220,7 @@ def scaling_worker(episodes: int, out: str, meta_batch: int = 2) -> None:
     run other, longer or shorter, texts)."""
     from metaloop.meta import dist as D
 
+    D.keep_freed_memory()
     ctx = D.setup()
     torch.set_num_threads(1)
     learner, tok = learner_for("default")
@@ -324,14 +332,12 @@ def main() -> None:
                 rows.append(run_row("metaloop", config, args.repeat if config != "default" else 3))
         scaling = None
         if "scaling" in wanted:
-            from metaloop.meta.dist import worker_env
-
             scaling = {"ranks": [1, 2], "episodes_per_s": []}
             for n in (1, 2):
                 out = f"{tmp}/scaling-{n}.json"
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
                        __file__, "--scaling-worker", out, "--scaling-episodes", str(args.scaling_episodes)]
-                subprocess.run(cmd, check=True, capture_output=True, env={**worker_env(1), "OMP_NUM_THREADS": "1"})
+                subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
                 result = json.loads(Path(out).read_text())
                 scaling["episodes_per_s"].append(result["episodes_per_s"])
                 scaling.setdefault("per_rank_seconds", []).append(result["per_rank"])

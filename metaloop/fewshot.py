@@ -64,6 +64,7 @@ from metaloop.episodes import Episode
 from metaloop.meta.data import episode_batch, tokenize
 from metaloop.meta.encoder import Encoder, adapt_names
 from metaloop.meta.head import Centroids, label_text, proto_head
+from metaloop.meta.vocab import word_embedding_name
 
 TextsOf = Callable[[Iterable[str]], list[str]]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -300,6 +301,9 @@ class FinetuneParams(_Strict):
         1.0, description="Multiply the prototype head (its logits) by this; < 1 softens a head whose support loss "
                          "starts near 0 (with 1 shot each support row *is* its prototype) so gradients flow.")
     eval_batch_size: PositiveInt = 128
+    freeze_word_embeddings: bool = Field(
+        False, description="Keep the input word embeddings fixed: a few shots move only the rows of the "
+                           "tokens they contain, away from the rows of the tokens queries bring.")
     classifier: Literal["linear", "centroids"] = Field(
         "linear", description="linear: a linear layer; centroids: the centroid classifier given to `Finetune` "
                               "(its metric, the class names as rows), its class vectors trained with the encoder.")
@@ -356,6 +360,8 @@ def finetune_encoder(
         torch.manual_seed(seed)
         enc = Encoder(copy.deepcopy(model), pooling)
         trainable = set(adapt_names(enc, params.scope, params.top_k))
+        if params.freeze_word_embeddings:
+            trainable.discard(word_embedding_name(enc.model))
         for name, p in enc.named_weights().items():
             p.requires_grad_(name in trainable)
         y_t, w_t = torch.tensor(targets, dtype=torch.long), torch.tensor(weights)

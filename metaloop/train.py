@@ -213,6 +213,7 @@ def run(
     m = params.meta
     out = Path(output_dir or m.output_dir)
     torch.set_num_threads(m.threads_per_rank)
+    D.keep_freed_memory()
     curated, meta_train, meta_val, train_eps, val_eps, texts = _inputs(params, curated, meta_train, meta_val)
     fp = fingerprint(params, [curated, meta_train, meta_val])
 
@@ -407,8 +408,7 @@ def torchrun_command(params: Params, params_path: str | Path, *extra: str) -> li
 def launch(params_path: str | Path, *extra: str) -> int:
     """Run meta-training under torchrun as params.meta describes; returns its exit status."""
     params = load_params(params_path)
-    env = D.worker_env(params.meta.threads_per_rank)
-    env["OMP_NUM_THREADS"] = str(params.meta.threads_per_rank)  # params.yaml wins over the shell
+    env = {**os.environ, "OMP_NUM_THREADS": str(params.meta.threads_per_rank)}
     return subprocess.run(torchrun_command(params, params_path, *extra), env=env, check=False).returncode
 
 

@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from metaloop.config import load_params
-from metaloop.meta.dist import worker_env
 from metaloop.train import run, torchrun_command
 
 
@@ -119,8 +118,7 @@ def two_rank_run(tmp_path_factory, tiny_dir, make_project, sub_env):
     path = make_project(tmp_path_factory.mktemp("torchrun"), tiny_dir)
     params = load_params(path)
     cmd = torchrun_command(params, path)
-    # the environment `metaloop train` gives its workers (malloc settings included)
-    proc = subprocess.run(cmd, env=worker_env(1, sub_env), capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(cmd, env=sub_env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return path, params
 
@@ -170,13 +168,6 @@ def test_torchrun_command_carries_rendezvous_settings(project):
     assert "--rdzv-backend c10d --rdzv-endpoint head:29400 --rdzv-id job7" in joined
     assert "--standalone" not in cmd
     assert cmd[-4:] == ["-m", "metaloop.train", "--params", "params.yaml"]
-
-
-def test_worker_env_keeps_what_the_caller_set():
-    env = worker_env(2, {"PATH": "/bin", "MALLOC_TOP_PAD_": "0"})
-    assert env["PATH"] == "/bin" and env["OMP_NUM_THREADS"] == "2"
-    assert env["MALLOC_TOP_PAD_"] == "0"  # the caller's choice stays
-    assert env["MALLOC_TRIM_THRESHOLD_"] == str(16 << 30)
 
 
 def test_preflight_names_missing_data_and_impossible_settings(project, tmp_path):
