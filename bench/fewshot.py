@@ -672,6 +672,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
       help="episodes.ways of meta-train/meta-val episodes (a number or all)")
     a("--meta-shots", type=int, help="episodes.shots of meta-train/meta-val episodes")
     a("--meta-queries", type=int, help="episodes.queries of meta-train/meta-val episodes")
+    a("--meta-train-split", choices=["train", "all"],
+      help="episodes.meta_train_split: meta-train episodes from the train split (default) or every row")
     a("--meta-set", action="append", default=[], metavar="[ALGO.]KEY=VALUE", help="any meta: key")
     a("--meta-finetune", action="store_true", help="also score <algorithm>+finetune")
     a("--ft-impl", choices=["pooled", "adapt-fit"], default=d.ft_impl)
@@ -710,6 +712,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
         if getattr(args, flag) is not None:
             common[key] = getattr(args, flag)
     episodes = {k: v for k, v in (("ways", args.meta_ways), ("shots", args.meta_shots),
+                                  ("meta_train_split", args.meta_train_split),
                                   ("queries", args.meta_queries)) if v is not None}
     ft = {k: v for k, v in (("epochs", args.ft_epochs), ("lr", args.ft_lr), ("head_lr", args.ft_head_lr),
                             ("batch_size", args.ft_batch), ("scope", args.ft_scope),

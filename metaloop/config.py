@@ -132,6 +132,9 @@ class Episodes(Strict):
     )
     shots: PositiveInt = 5
     queries: PositiveInt = 5
+    meta_train_split: Literal["train", "all"] = Field(
+        "train", description="Rows meta-train episodes draw from: the meta-train domains' train split, or all "
+                             "of their rows (their val and test rows serve nothing else).")
     meta_train_episodes: PositiveInt = 2000
     meta_val_episodes: PositiveInt = 100
     eval_shots: list[PositiveInt] = Field([1, 5], min_length=1)

@@ -25,8 +25,10 @@ META_TRAIN, META_VAL, EVAL, MANIFEST = "meta_train.jsonl", "meta_val.jsonl", "ev
 
 def meta_train_recipe(params: Params) -> Recipe:
     ep = params.episodes
+    split = ep.meta_train_split
     return Recipe(
-        [FromDomains(params.domains.meta_train), NWays(ep.n_ways), KShots(ep.shots, ep.queries), RemapLabels()],
+        [FromDomains(params.domains.meta_train), NWays(ep.n_ways, split=split),
+         KShots(ep.shots, ep.queries, support_split=split, query_split=split), RemapLabels()],
         name="meta_train",
     )
 

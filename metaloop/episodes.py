@@ -51,8 +51,12 @@ class Episode:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+ALL_SPLITS = "all"  # a split name that means every row of the domain, whatever its split
+
+
 class Pool:
-    """Curated rows indexed for sampling: (domain, split) -> label -> sorted row ids."""
+    """Curated rows indexed for sampling: (domain, split) -> label -> sorted row ids; the split
+    `ALL_SPLITS` holds every row of the domain."""
 
     def __init__(self, table: pd.DataFrame):
         missing = {"id", "text", "label", "domain", "split"} - set(table.columns)
@@ -63,6 +67,7 @@ class Pool:
         index: dict[tuple[str, str], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
         for rid, dom, split, lab in zip(table["id"], table["domain"], table["split"], table["label"]):
             index[(dom, split)][lab].append(rid)
+            index[(dom, ALL_SPLITS)][lab].append(rid)
         # Sorted ids make sampling independent of the table's row order.
         self.index = {k: {lab: sorted(ids) for lab, ids in sorted(v.items())} for k, v in index.items()}
 

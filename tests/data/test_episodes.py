@@ -59,6 +59,26 @@ def test_ways_all_trains_on_every_label_of_the_domain():
     assert len(eps[0].support_ids) == 6 and len(eps[0].query_ids) == 12
 
 
+def test_meta_train_split_all_draws_every_row_of_the_meta_train_domains():
+    from metaloop.episode_sets import meta_train_recipe
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["episodes"].update(ways=3, shots=2, queries=3)  # 5 rows a label: every train row
+    raw["domains"].update(meta_train=["a"], meta_val=[], target=["b"])
+
+    def drawn(split: str) -> set[str]:
+        raw["episodes"]["meta_train_split"] = split
+        recipe = meta_train_recipe(parse_params(raw))
+        eps = [recipe.sample(toy_pool(), 5, i) for i in range(40)]
+        return {rid for e in eps for rid in (*e.support_ids, *e.query_ids)}
+
+    train_only, every = drawn("train"), drawn("all")
+    assert all(int(rid.split("-")[-1]) >= 3 for rid in train_only)  # rows 0-2 are test rows
+    assert any(int(rid.split("-")[-1]) < 3 for rid in every)
+    assert all(rid.startswith("a-") for rid in every)  # still only the meta-train domain
+    assert len(every) > len(train_only)
+
+
 def test_remap_shuffles_class_order():
     recipe = Recipe([FromDomains(["a"]), NWays(5), KShots(1, queries=1), RemapLabels()])
     orders = {recipe.sample(toy_pool(), 3, i).labels for i in range(30)}
