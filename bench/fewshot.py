@@ -84,6 +84,7 @@ from metaloop.config import (
     load_params,
 )
 from metaloop.episode_sets import eval_episodes, eval_hash, meta_train_recipe
+from metaloop.meta.dist import keep_freed_memory
 from metaloop.episodes import (
     Episode,
     FromDomains,
@@ -594,6 +595,7 @@ def run_benchmark(cfg: BenchConfig) -> Report:
     hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.threads)
+    keep_freed_memory()  # as metaloop.train does: fine-tuning 45 encoders allocates the same blocks over and over
     load_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     params = bench_params(cfg)
     _say(f"curating {cfg.data} into {params.curation.output_dir}")
