@@ -185,6 +185,23 @@ def test_finetune_trains_a_copy(tiny, toy_episode_and_texts):
     assert any(not torch.equal(p, before[n]) for n, p in enc.model.state_dict().items())
 
 
+def test_finetune_can_keep_the_word_embeddings_fixed(tiny, toy_episode_and_texts):
+    from metaloop.meta.vocab import word_embedding_name
+
+    model, tok = tiny
+    ep, texts_of = toy_episode_and_texts
+    name = word_embedding_name(model)
+    for freeze in (False, True):
+        params = FinetuneParams(epochs=5, lr=3e-3, head_lr=3e-2, batch_size=8, dropout=False,
+                                freeze_word_embeddings=freeze)
+        enc, _, _ = finetune_encoder(model, tok, texts_of(ep.support_ids), ep.support_y, ep.ways, params,
+                                     max_length=32)
+        after = enc.model.state_dict()
+        assert torch.equal(after[name], model.state_dict()[name]) == freeze
+        layers = [k for k in after if ".layer." in k and k.endswith("weight")]
+        assert any(not torch.equal(after[k], model.state_dict()[k]) for k in layers)  # the rest trains
+
+
 def test_finetune_with_the_centroid_classifier_starts_at_the_prototypes(tiny, toy_episode_and_texts):
     from metaloop.fewshot import CentroidHead
     from metaloop.meta.encoder import Encoder
