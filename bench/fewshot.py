@@ -689,7 +689,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
     a("--ft-no-dropout", action="store_true", help="fine-tune in eval mode (no dropout)")
     a("--ft-freeze-word-embeddings", action="store_true",
       help="keep the input word embeddings fixed while fine-tuning")
-    a("--ft-classifier", choices=["linear", "centroids"],
+    a("--ft-classifier", choices=["linear", "centroids", "episodic"],
       help="head to fine-tune: linear (default) or the centroid classifier (--centroid-metric, --label-shots)")
     a("--pretrain-epochs", type=int)
     a("--pretrain-steps", type=int)

@@ -304,9 +304,12 @@ class FinetuneParams(_Strict):
     freeze_word_embeddings: bool = Field(
         False, description="Keep the input word embeddings fixed: a few shots move only the rows of the "
                            "tokens they contain, away from the rows of the tokens queries bring.")
-    classifier: Literal["linear", "centroids"] = Field(
+    classifier: Literal["linear", "centroids", "episodic"] = Field(
         "linear", description="linear: a linear layer; centroids: the centroid classifier given to `Finetune` "
-                              "(its metric, the class names as rows), its class vectors trained with the encoder.")
+                              "(its metric, the class names as rows), its class vectors trained with the encoder; "
+                              "episodic: no trained head: every epoch is one step of ProtoNet's loss on the support, "
+                              "each row classified against prototypes made without it (leave one out), and the "
+                              "episode is scored by the fine-tuned encoder's prototypes.")
 
     def steps_for(self, n_support: int) -> int:
         return max(self.min_steps, self.epochs * math.ceil(n_support / self.batch_size))
@@ -348,8 +351,11 @@ def finetune_encoder(
     """
     rows, targets, weights = list(texts), list(y), [1.0] * len(texts)
     use_names = params.classifier == "centroids" and centroids is not None and centroids.uses_labels
-    if params.classifier == "centroids" and centroids is None:
-        raise ValueError("FinetuneParams.classifier=centroids needs the `centroids` classifier")
+    if params.classifier in ("centroids", "episodic") and centroids is None:
+        raise ValueError(f"FinetuneParams.classifier={params.classifier} needs the `centroids` classifier")
+    if params.classifier == "episodic":
+        return _episodic_finetune(model, tokenizer, list(texts), list(y), ways, params, pooling, max_length, seed,
+                                  labels, centroids)
     if use_names:
         if labels is None or len(labels) != ways:
             raise ValueError(f"centroids with label_shots > 0 need the {ways} class names (labels)")
@@ -396,6 +402,62 @@ def finetune_encoder(
                 sched.step()
                 losses.append(float(loss.detach()))
         enc.eval()
+    return enc, head, losses
+
+
+def leave_one_out_logits(centroids: Centroids, z: torch.Tensor, y: torch.Tensor, ways: int,
+                         label_z: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of every support row against the prototypes, its own class's made without it."""
+    zp = centroids._prep(z)
+    lp = None if label_z is None else centroids._prep(label_z)
+    extra = centroids.label_shots if lp is not None else 0.0
+    onehot = F.one_hot(y, ways).to(zp.dtype)
+    sums, counts = onehot.t() @ zp, onehot.sum(0) + extra
+    if lp is not None:
+        sums = sums + extra * lp
+    if bool((counts[y] - 1 <= 0).any()):
+        raise ValueError("leave-one-out prototypes need 2 shots a class or the class names (label_shots > 0)")
+    logits = centroids.logits(z, sums / counts.unsqueeze(1))
+    own = (sums[y] - zp) / (counts[y] - 1).unsqueeze(1)
+    if centroids.metric == "cosine":
+        own_logit = centroids.scale * (F.normalize(z, dim=-1) * F.normalize(own, dim=-1)).sum(-1)
+    else:
+        own_logit = -((z - own) ** 2).sum(-1)
+    return logits.scatter(1, y.unsqueeze(1), own_logit.unsqueeze(1))
+
+
+def _episodic_finetune(model, tokenizer, texts, y, ways, params, pooling, max_length, seed, labels, centroids):
+    names = [label_text(n) for n in labels] if centroids.uses_labels else []
+    if centroids.uses_labels and (labels is None or len(labels) != ways):
+        raise ValueError(f"centroids with label_shots > 0 need the {ways} class names (labels)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        enc = Encoder(copy.deepcopy(model), pooling)
+        trainable = set(adapt_names(enc, params.scope, params.top_k))
+        if params.freeze_word_embeddings:
+            trainable.discard(word_embedding_name(enc.model))
+        for name, p in enc.named_weights().items():
+            p.requires_grad_(name in trainable)
+        y_t, n = torch.tensor(y, dtype=torch.long), len(texts)
+        opt = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=params.lr,
+                                weight_decay=params.weight_decay)
+        sched = linear_schedule(opt, params.epochs, params.warmup)
+        batch = tokenize(tokenizer, texts + names, max_length)
+        enc.train(params.dropout)
+        losses: list[float] = []
+        for _ in range(params.epochs):  # one step an epoch: every row is a query once
+            z = enc(batch)
+            logits = leave_one_out_logits(centroids, z[:n], y_t, ways, z[n:] if names else None)
+            loss = F.cross_entropy(logits, y_t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+        enc.eval()
+        with torch.no_grad():
+            z = enc(batch)
+            head = CentroidHead(centroids.prototypes(z[:n], y_t, ways, z[n:] if names else None), centroids)
     return enc, head, losses
 
 

@@ -202,6 +202,41 @@ def test_finetune_can_keep_the_word_embeddings_fixed(tiny, toy_episode_and_texts
         assert any(not torch.equal(after[k], model.state_dict()[k]) for k in layers)  # the rest trains
 
 
+@pytest.mark.parametrize("centroids", [Centroids("sqeuclidean"), Centroids("cosine", 20.0, 1.0)],
+                         ids=["sqeuclidean", "cosine+names"])
+def test_leave_one_out_logits_match_prototypes_made_without_the_row(centroids):
+    from metaloop.fewshot import leave_one_out_logits
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    z, names = torch.randn(7, 5, generator=g), torch.randn(3, 5, generator=g)
+    label_z = names if centroids.uses_labels else None
+    got = leave_one_out_logits(centroids, z, y, 3, label_z)
+    for i in range(len(y)):
+        rest = torch.arange(len(y)) != i
+        own = centroids.prototypes(z[rest], y[rest], 3, label_z)[y[i]]
+        others = centroids.prototypes(z, y, 3, label_z)
+        protos = others.clone()
+        protos[y[i]] = own
+        torch.testing.assert_close(got[i], centroids.logits(z[i : i + 1], protos)[0])
+    with pytest.raises(ValueError, match="2 shots a class or the class names"):
+        leave_one_out_logits(Centroids("cosine"), z[[0, 2, 5]], torch.tensor([0, 1, 2]), 3)
+
+
+def test_episodic_finetune_trains_the_encoder_and_scores_by_prototypes(tiny, toy_episode_and_texts):
+    from metaloop.fewshot import CentroidHead
+
+    model, tok = tiny
+    ep, texts_of = toy_episode_and_texts
+    cos = Centroids("cosine", 10.0, label_shots=1.0)
+    params = FinetuneParams(epochs=8, lr=3e-3, dropout=False, classifier="episodic")
+    enc, head, losses = finetune_encoder(model, tok, texts_of(ep.support_ids), ep.support_y, ep.ways, params,
+                                         max_length=32, labels=list(ep.labels), centroids=cos)
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert isinstance(head, CentroidHead)
+    assert any(not torch.equal(p, model.state_dict()[n]) for n, p in enc.model.state_dict().items())
+
+
 def test_finetune_with_the_centroid_classifier_starts_at_the_prototypes(tiny, toy_episode_and_texts):
     from metaloop.fewshot import CentroidHead
     from metaloop.meta.encoder import Encoder
