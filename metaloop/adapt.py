@@ -40,6 +40,7 @@ import itertools
 import logging
 import math
 import random
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -196,18 +197,36 @@ def eval_labels_by_domain(episodes) -> dict[str, list[str]]:
 # ---------------------------------------------------------------- shared helpers
 
 
+# torch's default RNG (dropout, head init) and its intra-op thread count belong to the process.
+# The flow's threads task runner adapts two domains at once in one process: unguarded, their
+# dropout draws interleave and each domain's model depends on the other's timing (two identical
+# nightly runs differed by one test row in 66). Blocks that seed or set threads hold this lock,
+# so they run one at a time in a process; `flow.task_runner: processes` trains domains in parallel.
+_TORCH_STATE = threading.RLock()
+
+
 @contextlib.contextmanager
 def torch_threads(n: int | None):
-    """Run a block with `n` intra-op CPU threads (None: unchanged)."""
+    """Run a block with `n` intra-op CPU threads (None: unchanged), alone among such blocks."""
     if not n:
         yield
         return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
+    with _TORCH_STATE:
+        old = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, threads: int | None = None):
+    """Run a block alone among seeded blocks of this process, torch's RNG seeded with `seed` and
+    `threads` intra-op threads; the caller's RNG state and thread count come back afterwards."""
+    with _TORCH_STATE, torch.random.fork_rng(devices=[]), torch_threads(threads):
+        torch.manual_seed(seed)
         yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def encode(tokenizer, texts: Sequence[str], max_length: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
@@ -525,8 +544,7 @@ def fit(
     """
     labels = list(labels)
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]), torch_threads(params.threads):
-        torch.manual_seed(seed)
+    with seeded(seed, params.threads):
         model, tokenizer = load_for_classification(init, labels)
         if params.prototype_head:
             prototype_init(model, tokenizer, train, labels, max_length)

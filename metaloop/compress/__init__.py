@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from metaloop.adapt import Examples, predict_logits, torch_threads
+from metaloop.adapt import Examples, predict_logits, seeded
 from metaloop.compress.runtime import (
     Classifier,
     OnnxClassifier,
@@ -119,8 +118,7 @@ def compress(
     name = recipe if isinstance(recipe, str) else "+".join(steps)
     t0 = time.perf_counter()
     details: dict = {}
-    with torch.random.fork_rng(devices=[]), torch_threads(params.threads):
-        torch.manual_seed(seed)
+    with seeded(seed, params.threads):  # alone: see metaloop.adapt.seeded
         teacher, t_tok, t_meta = load_torch(teacher_dir)
         labels = [teacher.config.id2label[i] for i in range(teacher.config.num_labels)]
         unknown = sorted(set(train.labels) - set(labels))

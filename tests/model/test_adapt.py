@@ -215,3 +215,27 @@ def test_a_bad_domain_does_not_stop_the_others(tmp_path, tiny_dir, table):
     assert set(outcome.errors) == {"nowhere", "bank"} and not outcome.ok
     assert "mortgage" in outcome.errors["bank"] and "open" in outcome.errors["bank"]
     assert (tmp_path / "shop" / "model.safetensors").is_file() and not (tmp_path / "bank").exists()
+
+
+def test_concurrent_fits_in_one_process_give_the_sequential_result(tmp_path, table):
+    """The flow's threads task runner adapts two domains at once in one process. torch's RNG
+    (dropout) and thread count are process-wide, so without care the two fits interleave their
+    dropout draws and a domain's model depends on the other's timing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = tmp_path / "tiny-dropout"
+    tiny_bert(folder, dropout=0.1)
+    params = AdaptParams(**{**FAST, "epochs": 8}, holdout_fraction=0.0, threads=1)
+
+    def one(domain: str) -> dict[str, torch.Tensor]:
+        data = domain_data(table, domain, params)
+        model, _, _ = fit(folder, data.train, data.labels, params, max_length=32)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    alone = {d: one(d) for d in ("shop", "bank")}
+    for _ in range(2):
+        with ThreadPoolExecutor(2) as pool:
+            together = dict(zip(("shop", "bank"), pool.map(one, ("shop", "bank"))))
+        for d in alone:
+            for k, v in alone[d].items():
+                assert torch.equal(v, together[d][k]), f"{d}: {k} differs when fitted beside another domain"
