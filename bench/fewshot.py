@@ -687,6 +687,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
     a("--ft-head", choices=["proto", "random"], help="head initialisation (default proto: the centroid classifier)")
     a("--ft-proto-scale", type=float, help="scale of the prototype head's logits (default 1)")
     a("--ft-no-dropout", action="store_true", help="fine-tune in eval mode (no dropout)")
+    a("--ft-interpolate", type=float, help="WiSE-FT: use (1 - a) * start + a * fine-tuned weights (default 1)")
     a("--ft-freeze-word-embeddings", action="store_true",
       help="keep the input word embeddings fixed while fine-tuning")
     a("--ft-classifier", choices=["linear", "centroids", "episodic"],
@@ -722,6 +723,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
                             ("prototype_head", None if args.ft_head is None else args.ft_head == "proto"),
                             ("dropout", False if args.ft_no_dropout else None),
                             ("freeze_word_embeddings", True if args.ft_freeze_word_embeddings else None),
+                            ("interpolate", args.ft_interpolate),
                             ("classifier", args.ft_classifier)) if v is not None}
     pt = {k: v for k, v in (("epochs", args.pretrain_epochs), ("max_steps", args.pretrain_steps),
                             ("minutes", args.pretrain_minutes), ("lr", args.pretrain_lr),

@@ -301,6 +301,9 @@ class FinetuneParams(_Strict):
         1.0, description="Multiply the prototype head (its logits) by this; < 1 softens a head whose support loss "
                          "starts near 0 (with 1 shot each support row *is* its prototype) so gradients flow.")
     eval_batch_size: PositiveInt = 128
+    interpolate: Annotated[float, Field(gt=0, le=1)] = Field(
+        1.0, description="WiSE-FT (Wortsman et al. 2022): the weights used are (1 - a) * start + a * fine-tuned, "
+                         "encoder and head; 1 keeps the fine-tuned weights. One model, no extra inference.")
     freeze_word_embeddings: bool = Field(
         False, description="Keep the input word embeddings fixed: a few shots move only the rows of the "
                            "tokens they contain, away from the rows of the tokens queries bring.")
@@ -380,6 +383,7 @@ def finetune_encoder(
             head = CentroidHead(centroids.prototypes(z0[:n], y_t[:n], ways, z0[n:] if use_names else None), centroids)
         else:
             head = _head_from_prototypes(z0, y_t, ways, params.prototype_head, params.proto_scale)
+        head_start = copy.deepcopy(head)
         groups = [g for g in (
             {"params": [p for p in enc.parameters() if p.requires_grad], "lr": params.lr},
             {"params": list(head.parameters()), "lr": params.head_lr},
@@ -402,7 +406,19 @@ def finetune_encoder(
                 sched.step()
                 losses.append(float(loss.detach()))
         enc.eval()
+        _interpolate(enc.model, model, params.interpolate)
+        _interpolate(head, head_start, params.interpolate)
     return enc, head, losses
+
+
+@torch.no_grad()
+def _interpolate(tuned: nn.Module, start: nn.Module, a: float) -> None:
+    """tuned <- (1 - a) * start + a * tuned, parameter by parameter (WiSE-FT)."""
+    if a >= 1.0:
+        return
+    begin = dict(start.named_parameters())
+    for name, p in tuned.named_parameters():
+        p.lerp_(begin[name].to(p.dtype), 1.0 - a)
 
 
 def leave_one_out_logits(centroids: Centroids, z: torch.Tensor, y: torch.Tensor, ways: int,
@@ -455,6 +471,7 @@ def _episodic_finetune(model, tokenizer, texts, y, ways, params, pooling, max_le
             sched.step()
             losses.append(float(loss.detach()))
         enc.eval()
+        _interpolate(enc.model, model, params.interpolate)
         with torch.no_grad():
             z = enc(batch)
             head = CentroidHead(centroids.prototypes(z[:n], y_t, ways, z[n:] if names else None), centroids)

@@ -237,6 +237,23 @@ def test_episodic_finetune_trains_the_encoder_and_scores_by_prototypes(tiny, toy
     assert any(not torch.equal(p, model.state_dict()[n]) for n, p in enc.model.state_dict().items())
 
 
+def test_finetune_interpolates_between_start_and_fine_tuned_weights(tiny, toy_episode_and_texts):
+    model, tok = tiny
+    ep, texts_of = toy_episode_and_texts
+    cos = Centroids("cosine", 10.0, label_shots=1.0)
+    common = {"epochs": 5, "lr": 3e-3, "head_lr": 3e-2, "batch_size": 8, "dropout": False, "classifier": "centroids"}
+    runs = {a: finetune_encoder(model, tok, texts_of(ep.support_ids), ep.support_y, ep.ways,
+                                FinetuneParams(**common, interpolate=a), max_length=32, labels=list(ep.labels),
+                                centroids=cos) for a in (1.0, 0.5)}
+    start, tuned, half = model.state_dict(), runs[1.0][0].model.state_dict(), runs[0.5][0].model.state_dict()
+    moved = [k for k in tuned if k in start and start[k].is_floating_point() and not torch.equal(start[k], tuned[k])]
+    assert moved
+    for k in moved:  # the same seeded run, then halfway back to the start
+        torch.testing.assert_close(half[k], 0.5 * (start[k] + tuned[k]), atol=1e-6, rtol=1e-5)
+    head_start = runs[1.0][1].weight.detach()
+    assert not torch.allclose(runs[0.5][1].weight, head_start)
+
+
 def test_finetune_with_the_centroid_classifier_starts_at_the_prototypes(tiny, toy_episode_and_texts):
     from metaloop.fewshot import CentroidHead
     from metaloop.meta.encoder import Encoder
