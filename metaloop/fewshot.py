@@ -367,12 +367,7 @@ def finetune_encoder(
         weights += [centroids.label_shots] * ways
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        enc = Encoder(copy.deepcopy(model), pooling)
-        trainable = set(adapt_names(enc, params.scope, params.top_k))
-        if params.freeze_word_embeddings:
-            trainable.discard(word_embedding_name(enc.model))
-        for name, p in enc.named_weights().items():
-            p.requires_grad_(name in trainable)
+        enc = _trainable_copy(model, pooling, params)
         y_t, w_t = torch.tensor(targets, dtype=torch.long), torch.tensor(weights)
         enc.eval()
         with torch.no_grad():
@@ -442,18 +437,24 @@ def leave_one_out_logits(centroids: Centroids, z: torch.Tensor, y: torch.Tensor,
     return logits.scatter(1, y.unsqueeze(1), own_logit.unsqueeze(1))
 
 
+def _trainable_copy(model: nn.Module, pooling: str, params: FinetuneParams) -> Encoder:
+    """A deep copy of `model` whose weights train as `params` says (scope, frozen word embeddings)."""
+    enc = Encoder(copy.deepcopy(model), pooling)
+    trainable = set(adapt_names(enc, params.scope, params.top_k))
+    if params.freeze_word_embeddings:
+        trainable.discard(word_embedding_name(enc.model))
+    for name, p in enc.named_weights().items():
+        p.requires_grad_(name in trainable)
+    return enc
+
+
 def _episodic_finetune(model, tokenizer, texts, y, ways, params, pooling, max_length, seed, labels, centroids):
-    names = [label_text(n) for n in labels] if centroids.uses_labels else []
     if centroids.uses_labels and (labels is None or len(labels) != ways):
         raise ValueError(f"centroids with label_shots > 0 need the {ways} class names (labels)")
+    names = [label_text(n) for n in labels] if centroids.uses_labels else []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        enc = Encoder(copy.deepcopy(model), pooling)
-        trainable = set(adapt_names(enc, params.scope, params.top_k))
-        if params.freeze_word_embeddings:
-            trainable.discard(word_embedding_name(enc.model))
-        for name, p in enc.named_weights().items():
-            p.requires_grad_(name in trainable)
+        enc = _trainable_copy(model, pooling, params)
         y_t, n = torch.tensor(y, dtype=torch.long), len(texts)
         opt = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=params.lr,
                                 weight_decay=params.weight_decay)
