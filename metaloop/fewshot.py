@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from metaloop.adapt import batches, linear_schedule
+from metaloop.adapt import batches, linear_schedule, seeded
 from metaloop.episodes import Episode
 from metaloop.meta.data import episode_batch, tokenize
 from metaloop.meta.encoder import Encoder, adapt_names
@@ -365,8 +365,7 @@ def finetune_encoder(
         rows += [label_text(n) for n in labels]
         targets += list(range(ways))
         weights += [centroids.label_shots] * ways
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         enc = _trainable_copy(model, pooling, params)
         y_t, w_t = torch.tensor(targets, dtype=torch.long), torch.tensor(weights)
         enc.eval()
@@ -452,8 +451,7 @@ def _episodic_finetune(model, tokenizer, texts, y, ways, params, pooling, max_le
     if centroids.uses_labels and (labels is None or len(labels) != ways):
         raise ValueError(f"centroids with label_shots > 0 need the {ways} class names (labels)")
     names = [label_text(n) for n in labels] if centroids.uses_labels else []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         enc = _trainable_copy(model, pooling, params)
         y_t, n = torch.tensor(y, dtype=torch.long), len(texts)
         opt = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=params.lr,
@@ -589,8 +587,7 @@ def supervised_pretrain(
     names = sorted(set(labels))
     y = torch.tensor([names.index(lab) for lab in labels], dtype=torch.long)
     res = PretrainResult(0, None, None)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         enc = Encoder(model, pooling)
         for p in enc.parameters():
             p.requires_grad_(True)
