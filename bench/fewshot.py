@@ -328,11 +328,14 @@ def _finetune_method(cfg: BenchConfig, params: Params, model, tok, init_folder: 
         if init_folder is None:
             raise ValueError("--ft-impl adapt-fit needs a model folder")
         ft = cfg.finetune
+        if ft.classifier == "episodic":
+            raise ValueError("--ft-impl adapt-fit trains a linear or centroids classifier, not episodic")
         ap = AdaptParams(strategy="full" if ft.scope == "all" else ft.scope, top_k=ft.top_k, epochs=ft.epochs,
                          batch_size=ft.batch_size, lr=ft.lr, head_lr=ft.head_lr, weight_decay=ft.weight_decay,
                          warmup=ft.warmup, prototype_head=ft.prototype_head, holdout_fraction=0.0,
-                         threads=cfg.threads)
-        return AdaptFitMethod(init_folder, ap, max_length=params.backbone.max_length, seed=params.seed)
+                         threads=cfg.threads, classifier=ft.classifier)
+        return AdaptFitMethod(init_folder, ap, max_length=params.backbone.max_length, seed=params.seed,
+                              centroids=baseline_centroids(cfg, params), pooling=params.backbone.pooling)
     return Finetune(model, tok, cfg.finetune, pooling=params.backbone.pooling,
                     max_length=params.backbone.max_length, seed=params.seed,
                     centroids=baseline_centroids(cfg, params))

@@ -258,7 +258,10 @@ def linear_schedule(optimizer, total: int, warmup: float):
 
 
 def final_linear(model: nn.Module) -> nn.Linear:
-    """The classifier's last linear layer (BERT: `classifier`; RoBERTa-like: `classifier.out_proj`)."""
+    """The classifier's last linear layer (BERT: `classifier`; RoBERTa-like: `classifier.out_proj`;
+    a `CentroidClassifier`: its class vectors, `centroids`)."""
+    if isinstance(getattr(model, "centroids", None), nn.Linear):
+        return model.centroids
     head = getattr(model, "classifier", None)
     if isinstance(head, nn.Linear):
         return head
@@ -270,6 +273,8 @@ def final_linear(model: nn.Module) -> nn.Linear:
 
 def head_modules(model: nn.Module) -> list[str]:
     """Top-level module names forming the classification head (trained by every strategy)."""
+    if isinstance(getattr(model, "centroids", None), nn.Linear):
+        return ["centroids"]
     names = ["classifier"]
     base = model.base_model
     if getattr(base, "pooler", None) is not None:
@@ -308,12 +313,25 @@ def pooled_features(model: nn.Module, tokenizer, texts: Sequence[str], max_lengt
 
 @torch.no_grad()
 def prototype_init(model: nn.Module, tokenizer, examples: Examples, labels: list[str], max_length: int) -> None:
-    """Set the final linear layer to the nearest-centroid classifier of `examples`."""
+    """Set the final linear layer to the nearest-centroid classifier of `examples`.
+
+    A `CentroidClassifier`'s class vectors become its rule's prototypes (class names
+    included when the rule's label_shots > 0); a linear head gets W_k = 2 c_k, b_k = -||c_k||^2.
+    """
+    from metaloop.centroid_classifier import CentroidLayer
+    from metaloop.meta.head import label_text
+
     z = pooled_features(model, tokenizer, examples.texts, max_length)
     y = torch.tensor([labels.index(lab) for lab in examples.labels])
+    lin = final_linear(model)
+    if isinstance(lin, CentroidLayer):
+        rule = lin.rule
+        names = pooled_features(model, tokenizer, [label_text(n) for n in labels], max_length) \
+            if rule.uses_labels else None
+        lin.weight.copy_(rule.prototypes(z, y, len(labels), names))
+        return
     onehot = F.one_hot(y, len(labels)).to(z.dtype)
     c = onehot.t() @ z / onehot.sum(0).clamp_min(1).unsqueeze(1)
-    lin = final_linear(model)
     lin.weight.copy_(2.0 * c)
     lin.bias.copy_(-(c * c).sum(-1))
 
@@ -394,15 +412,26 @@ def read_learned_lrs(folder: str | Path) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def load_for_classification(init: str | Path, labels: list[str], attn_implementation: str = "sdpa"):
-    """(model, tokenizer): `init`'s encoder with a fresh `len(labels)`-way classification head."""
+def load_for_classification(init: str | Path, labels: list[str], attn_implementation: str = "sdpa", *,
+                            centroids=None, pooling: str = "mean"):
+    """(model, tokenizer): `init`'s encoder with a fresh `len(labels)`-way classification head.
+
+    The head is the architecture's own (`AutoModelForSequenceClassification`), or with
+    `centroids` (a `metaloop.meta.head.Centroids`) a `CentroidClassifier`: the encoder
+    `pooling` its token states and those class vectors.
+    """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from metaloop.centroid_classifier import CentroidClassifier
 
     where = _resolve(init)
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     try:
+        if centroids is not None:
+            model = CentroidClassifier.from_encoder(where, labels, centroids, pooling, attn_implementation)
+            return model, AutoTokenizer.from_pretrained(where)
         model = AutoModelForSequenceClassification.from_pretrained(
             where,
             num_labels=len(labels),
@@ -537,15 +566,31 @@ def fit(
     val: Examples | None = None,
     max_length: int = 64,
     seed: int = 13,
+    centroids=None,
+    pooling: str = "mean",
 ):
     """Train a classifier in memory; returns (model, tokenizer, FitHistory). Nothing is saved.
 
-    The model returned is a plain `PreTrainedModel` (LoRA already merged), in eval mode.
+    The model returned is a plain `PreTrainedModel` (LoRA already merged), or with
+    `params.classifier` = centroids a `CentroidClassifier` whose rule is `centroids`
+    (`params.meta.centroids()`: the classifier the encoder was meta-trained with) and whose
+    class names join the training rows, weighted by its label_shots; in eval mode.
     """
     labels = list(labels)
+    if params.classifier == "centroids" and centroids is None:
+        raise ConfigError("adapt.classifier: centroids needs the centroid rule: pass centroids=params.meta.centroids()")
+    rule = centroids if params.classifier == "centroids" else None
     t0 = time.perf_counter()
     with seeded(seed, params.threads):
-        model, tokenizer = load_for_classification(init, labels)
+        model, tokenizer = load_for_classification(init, labels, centroids=rule, pooling=pooling)
+        if rule is not None and rule.uses_labels:  # the names are training rows too, as in the prototypes
+            from metaloop.meta.head import label_text
+
+            names = [label_text(n) for n in labels]
+            rows = Examples([*train.texts, *names], [*train.labels, *labels])
+            row_weights = torch.tensor([1.0] * len(train) + [rule.label_shots] * len(names))
+        else:
+            rows, row_weights = train, None
         if params.prototype_head:
             prototype_init(model, tokenizer, train, labels, max_length)
         learned = read_learned_lrs(_resolve(init)) if params.learned_lrs else None
@@ -558,7 +603,7 @@ def fit(
         sgd = _learned_lr_map(model, learned, params.learned_lr_scale, head_name, prefix) if learned else {}
         hist = FitHistory(params.strategy, learned_lrs=len(sgd))
         head_ids = {id(p) for n, p in model.named_parameters()
-                    if p.requires_grad and any(h in n for h in ("classifier", "pooler"))}
+                    if p.requires_grad and any(h in n for h in ("classifier", "pooler", "centroids"))}
         groups = {"head": [], "enc": []}
         for n, p in model.named_parameters():
             if p.requires_grad and p not in sgd:
@@ -570,10 +615,10 @@ def fit(
             {"params": groups["head"], "lr": params.head_lr},
         ) if g["params"]]
         optimizer = torch.optim.AdamW(opt_groups, weight_decay=params.weight_decay) if opt_groups else None
-        steps_per_epoch = math.ceil(len(train) / params.batch_size)
+        steps_per_epoch = math.ceil(len(rows) / params.batch_size)
         total = steps_per_epoch * params.epochs
         scheduler = linear_schedule(optimizer, total, params.warmup) if optimizer else None
-        y_all = torch.tensor([labels.index(lab) for lab in train.labels])
+        y_all = torch.tensor([labels.index(lab) for lab in rows.labels])
         rng = random.Random(f"adapt-batches:{seed}")
         best: tuple[float, float] | None = None
         best_state = None
@@ -581,9 +626,14 @@ def fit(
         for epoch in range(1, params.epochs + 1):
             model.train()
             losses = []
-            for idx in batches(len(train), params.batch_size, rng):
-                inputs = encode(tokenizer, [train.texts[i] for i in idx], max_length)
-                loss = F.cross_entropy(model(**inputs).logits, y_all[idx])
+            for idx in batches(len(rows), params.batch_size, rng):
+                inputs = encode(tokenizer, [rows.texts[i] for i in idx], max_length)
+                logits = model(**inputs).logits
+                if row_weights is None:
+                    loss = F.cross_entropy(logits, y_all[idx])
+                else:
+                    w = row_weights[idx]
+                    loss = (F.cross_entropy(logits, y_all[idx], reduction="none") * w).sum() / w.sum()
                 loss.backward()
                 if optimizer:
                     optimizer.step()
@@ -627,9 +677,16 @@ def fit(
 
 def save_classifier(model: nn.Module, tokenizer, out_dir: str | Path, info: dict) -> Path:
     """Write a standalone classifier folder atomically (safetensors, tokenizer, metaloop.json)."""
+    from safetensors.torch import save_file
+
     out = Path(out_dir)
     tmp = fresh_tmp(out)
-    model.save_pretrained(tmp)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(tmp)
+    else:  # a CentroidClassifier: its config says how to rebuild it (compress.runtime.build_skeleton)
+        model.config.save_pretrained(tmp)
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
     write_json(tmp / SIDECAR, {"format": "hf", **info})
     commit_dir(tmp, out)
@@ -674,10 +731,15 @@ def adapt_domain(
     eval_labels: Sequence[str] | None = None,
     max_length: int = 64,
     seed: int = 13,
+    centroids=None,
+    pooling: str = "mean",
 ) -> AdaptResult:
-    """Adapt and save one domain's classifier (default folder: params.output_dir / domain)."""
+    """Adapt and save one domain's classifier (default folder: params.output_dir / domain).
+
+    `centroids` and `pooling` are `fit`'s (used when params.classifier is centroids)."""
     data = domain_data(table, domain, params, eval_labels=eval_labels, seed=seed)
-    model, tokenizer, hist = fit(init, data.train, data.labels, params, val=data.val, max_length=max_length, seed=seed)
+    model, tokenizer, hist = fit(init, data.train, data.labels, params, val=data.val, max_length=max_length,
+                                 seed=seed, centroids=centroids, pooling=pooling)
     out = Path(out_dir) if out_dir is not None else Path(params.output_dir) / domain
     best_val = hist.val_accuracy[hist.best_epoch - 1] if hist.val_accuracy else None
     result = AdaptResult(
@@ -689,6 +751,7 @@ def adapt_domain(
     )
     save_classifier(model, tokenizer, out, {
         "recipe": "fp32", "steps": [], "domain": domain, "init": str(init), "max_length": max_length,
+        "classifier": params.classifier,
         "adapt": params.model_dump(mode="json"), "history": asdict(hist), "seed": seed,
     })
     return result
@@ -714,6 +777,8 @@ def adapt_domains(
     eval_labels: Mapping[str, Sequence[str]] | None = None,
     max_length: int = 64,
     seed: int = 13,
+    centroids=None,
+    pooling: str = "mean",
 ) -> AdaptOutcome:
     """Adapt every domain; a domain whose data is unusable is reported, and the others go on."""
     table = _table(table)
@@ -724,6 +789,7 @@ def adapt_domains(
             outcome.results[domain] = adapt_domain(
                 init, table, domain, params, root / domain,
                 eval_labels=(eval_labels or {}).get(domain), max_length=max_length, seed=seed,
+                centroids=centroids, pooling=pooling,
             )
         except DataError as err:
             log.warning("adapt: %s", err)

@@ -197,8 +197,11 @@ def few_shot_accuracy(
     max_length: int = 64,
     seed: int = 13,
     eval_hash: str | None = None,
+    centroids=None,
+    pooling: str = "mean",
 ) -> FewShotResult:
-    """Adapt from `init` on each episode's support set (AdaptParams `params`), score its queries."""
+    """Adapt from `init` on each episode's support set (AdaptParams `params`; `centroids`,
+    `pooling` as `metaloop.adapt.fit`), score its queries."""
     from metaloop.adapt import fit, predict_logits
 
     per: dict[str, float] = {}
@@ -206,7 +209,8 @@ def few_shot_accuracy(
     for ep in episodes:
         labels = list(ep.labels)
         support = Examples(texts_of(ep.support_ids), [labels[y] for y in ep.support_y])
-        model, tok, _ = fit(init, support, labels, params, max_length=max_length, seed=seed)
+        model, tok, _ = fit(init, support, labels, params, max_length=max_length, seed=seed, centroids=centroids,
+                            pooling=pooling)
         logits = predict_logits(model, tok, texts_of(ep.query_ids), max_length)
         acc = 100.0 * float((logits.argmax(-1).numpy() == np.asarray(ep.query_y)).mean()) if len(ep.query_y) else 0.0
         per[ep.id] = acc

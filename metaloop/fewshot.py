@@ -514,15 +514,18 @@ class Finetune:
 class AdaptFitMethod:
     """The production adaptation (`metaloop.adapt.fit`, the architecture's own classifier head)."""
 
-    def __init__(self, init: str | Path, params, *, max_length: int = 64, seed: int = 13):
+    def __init__(self, init: str | Path, params, *, max_length: int = 64, seed: int = 13,
+                 centroids: Centroids | None = None, pooling: str = "mean"):
         self.init, self.params, self.max_length, self.seed = init, params, max_length, seed
+        self.centroids, self.pooling = centroids, pooling
 
     def accuracy(self, episode: Episode, texts_of: TextsOf) -> float:
         from metaloop.adapt import Examples, fit, predict_logits
 
         labels = list(episode.labels)
         support = Examples(texts_of(episode.support_ids), [labels[y] for y in episode.support_y])
-        model, tok, _ = fit(self.init, support, labels, self.params, max_length=self.max_length, seed=self.seed)
+        model, tok, _ = fit(self.init, support, labels, self.params, max_length=self.max_length, seed=self.seed,
+                            centroids=self.centroids, pooling=self.pooling)
         logits = predict_logits(model, tok, texts_of(episode.query_ids), self.max_length)
         return float((logits.argmax(-1) == torch.tensor(episode.query_y)).float().mean())
 

@@ -35,6 +35,12 @@ class AdaptParams(Strict):
     """How each target domain's classifier is adapted from the initialisation."""
 
     strategy: Literal["full", "top_k", "head", "lora"] = Field("full", description="Which weights train.")
+    classifier: Literal["linear", "centroids"] = Field(
+        "linear", description="linear: the architecture's own head (BERT: [CLS] -> pooler -> linear), a stock "
+                              "AutoModelForSequenceClassification; centroids: the encoder mean-pooled and "
+                              "meta-training's centroid classifier (meta.metric, scale, label_shots), its class "
+                              "vectors trained with the encoder; far better from 1 to ~10 rows a label "
+                              "(docs/fewshot.md), loaded by metaloop (metaloop.centroid_classifier).")
     top_k: PositiveInt = Field(2, description="Transformer layers trained when strategy=top_k.")
     lora_rank: PositiveInt = 8
     lora_alpha: PositiveFloat | None = Field(None, description="LoRA scaling numerator; default 2 * rank.")
@@ -69,6 +75,9 @@ class AdaptParams(Strict):
     def _check(self) -> AdaptParams:
         if self.lora_targets is not None and not self.lora_targets:
             raise ValueError("lora_targets must name at least one module, or be null for peft's default")
+        if self.classifier == "centroids" and self.strategy == "lora":
+            raise ValueError("adapt: classifier centroids with strategy lora is not supported; "
+                             "use strategy full, top_k or head, or classifier linear")
         return self
 
 

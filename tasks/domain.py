@@ -69,7 +69,8 @@ def _adapt_compress_evaluate(domain, params: Params, init: Path, data, c, run, l
 
     out = Path(params.adapt.output_dir) / domain
     adapted = adapt_domain(init, table, domain, params.adapt, out / "fp32", eval_labels=labels,
-                           max_length=max_length, seed=seed)  # first: it checks the domain's labels
+                           max_length=max_length, seed=seed, centroids=params.meta.centroids(),
+                           pooling=params.backbone.pooling)  # first: it checks the domain's labels
     # Before adaptation: the init's own embedding (the one meta-training shapes) + centroids.
     before = 100.0 * centroid_accuracy(init, train, test, labels, max_length, params.backbone.pooling,
                                        params.meta.centroids())

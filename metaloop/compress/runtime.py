@@ -136,11 +136,17 @@ def save_torch(model: nn.Module, tokenizer, out_dir: str | Path, info: dict) -> 
 
 
 def build_skeleton(path: str | Path, structure: dict | None = None) -> nn.Module:
-    """The stock model class from `path`'s config, resized to `structure`, weights uninitialised."""
+    """The stock model class from `path`'s config (or a `CentroidClassifier` where the config
+    says so), resized to `structure`, weights uninitialised."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    from metaloop.centroid_classifier import CentroidClassifier
+
     config = AutoConfig.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
+    if CentroidClassifier.spec(config) is not None:
+        model = CentroidClassifier.from_config(config, attn_implementation="sdpa")
+    else:
+        model = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
     apply_structure(model, structure)
     return model
 
