@@ -138,7 +138,9 @@ def main(argv=None) -> int:
     ap.add_argument("--domains", default=DEFAULT_DOMAINS)
     ap.add_argument("--init", default="packaged:all-MiniLM-L6-v2")
     ap.add_argument("--recipes", default=None, help="comma-separated recipe names (default: all)")
-    ap.add_argument("--params", type=Path, default=None, help="YAML with adapt: / compress: sections")
+    ap.add_argument("--params", type=Path, default=None,
+                    help="YAML with adapt: / compress: sections (and meta: metric/scale/label_shots, backbone: pooling "
+                         "for adapt.classifier: centroids)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compress")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for training and timing (default: all)")
@@ -163,12 +165,17 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
-    adapt_cfg, compress_cfg = dict(ADAPT), dict(COMPRESS)
+    from metaloop.config import Meta
+
+    adapt_cfg, compress_cfg, raw = dict(ADAPT), dict(COMPRESS), {}
     if args.params:
         raw = yaml.safe_load(args.params.read_text()) or {}
         adapt_cfg.update(raw.get("adapt", {}))
         compress_cfg.update(raw.get("compress", {}))
     adapt_params = AdaptParams(**adapt_cfg)
+    # adapt.classifier: centroids scores with meta-training's rule: the YAML's meta: keys, else metaloop's defaults
+    rule = Meta(**{k: v for k, v in raw.get("meta", {}).items() if k in ("metric", "scale", "label_shots")})
+    pooling = raw.get("backbone", {}).get("pooling", "mean")
     compress_params = CompressParams(**compress_cfg)
     recipes = args.recipes.split(",") if args.recipes else list(compress_params.recipes)
     table = read_clinc(args.data)
@@ -181,7 +188,8 @@ def main(argv=None) -> int:
         fp32_dir = args.out / domain / "fp32"
         if not (args.reuse and (fp32_dir / "config.json").is_file()):
             t0 = time.time()
-            res = adapt_domain(args.init, table, domain, adapt_params, fp32_dir, seed=args.seed)
+            res = adapt_domain(args.init, table, domain, adapt_params, fp32_dir, seed=args.seed,
+                               centroids=rule.centroids(), pooling=pooling)
             print(f"[{domain}] adapted in {time.time() - t0:.0f}s: val acc {res.val_accuracy}, "
                   f"epochs {res.epochs_run} (best {res.best_epoch})", flush=True)
         if args.int8_compare:
