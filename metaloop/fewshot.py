@@ -544,7 +544,8 @@ class MetaLearnerMethod:
             return self.centroid.accuracy(episode, texts_of)
         self.learner.eval()
         batch = episode_batch(episode, texts_of, self.tokenizer, self.max_length,
-                              label_names=self.learner.needs_label_names)
+                              label_names=self.learner.needs_label_names,
+                              names_in_support=self.learner.names_in_support)
         return float(self.learner.evaluate(batch).acc)
 
 

@@ -271,7 +271,8 @@ def _train(params, ctx, out, texts, train_eps, val_eps, fp, resume, stop, on_ste
 
     stream = EpisodeStream(train_eps, params.seed)
     make = lambda ep: episode_batch(ep, lambda ids: [texts[i] for i in ids], tokenizer, params.backbone.max_length,
-                                    label_names=learner.needs_label_names).to(ctx.device)
+                                    label_names=learner.needs_label_names,
+                                    names_in_support=learner.names_in_support).to(ctx.device)
     amp = (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16)) if m.bf16 else contextlib.nullcontext
     metrics = _Metrics(out / "metrics.jsonl", main)
 

@@ -103,6 +103,14 @@ class MetaLearner(nn.Module):
         return False
 
     @property
+    def names_in_support(self) -> int:
+        """How many times each class name joins the support set (`episode_batch(names_in_support=)`):
+        round(label_shots), at least once when label_shots > 0. The head starts at the support
+        prototypes, names included, and the inner loop trains on them as rows."""
+        shots = self.cfg.centroids.label_shots
+        return max(1, round(shots)) if shots > 0 else 0
+
+    @property
     def second_order(self) -> bool:
         return not self.cfg.first_order
 
@@ -313,6 +321,10 @@ class ProtoNet(MetaLearner):
     @property
     def needs_label_names(self) -> bool:
         return self.cfg.centroids.uses_labels
+
+    @property
+    def names_in_support(self) -> int:
+        return 0  # the names enter the prototypes through `label_shots`, weighted, not as rows
 
     def meta_loss(self, batch: EpisodeBatch) -> Outcome:
         c = self.cfg.centroids

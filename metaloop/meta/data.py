@@ -46,19 +46,24 @@ def episode_batch(
     max_length: int,
     padding: str = "longest",
     label_names: bool = False,
+    names_in_support: int = 0,
 ) -> EpisodeBatch:
     """Tokenize an `Episode`; `texts` maps row ids to texts (e.g. `Pool.texts`).
 
     padding="longest" pads each set to its longest text (dynamic padding);
     "max_length" pads everything to `max_length`. label_names=True also tokenizes the class
     names (`episode.labels` through `label_text`), for classifiers with `label_shots` > 0.
+    names_in_support=k appends every class name k times to the support set, labelled with
+    its class: the MAML family's way of reading the names (their head starts at the support
+    prototypes and their inner loop trains on the support rows).
     """
+    names = [label_text(n) for n in episode.labels]
     return EpisodeBatch(
-        support=tokenize(tokenizer, texts(episode.support_ids), max_length, padding),
-        support_y=torch.tensor(episode.support_y, dtype=torch.long),
+        support=tokenize(tokenizer, texts(episode.support_ids) + names * names_in_support, max_length, padding),
+        support_y=torch.tensor(list(episode.support_y) + list(range(episode.ways)) * names_in_support,
+                               dtype=torch.long),
         query=tokenize(tokenizer, texts(episode.query_ids), max_length, padding),
         query_y=torch.tensor(episode.query_y, dtype=torch.long),
         ways=episode.ways,
-        labels=tokenize(tokenizer, [label_text(n) for n in episode.labels], max_length, padding)
-        if label_names else None,
+        labels=tokenize(tokenizer, names, max_length, padding) if label_names else None,
     )

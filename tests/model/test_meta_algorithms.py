@@ -284,3 +284,38 @@ def test_checkpointing_gives_the_same_meta_gradient(tiny, toy_batch, algorithm, 
     for a, b in zip(plain, _outer_grads(learner, batch)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert any(float(g.abs().sum()) > 0 for g in plain)
+
+
+def test_maml_family_reads_class_names_as_support_rows(tiny):
+    """label_shots > 0: each name joins the support set (round(label_shots) times) with its class,
+    so the Proto-MAML head starts at prototypes that include it; ProtoNet weighs names itself."""
+    from metaloop.episodes import FromDomains, KShots, NWays, Pool, Recipe, RemapLabels
+    import pandas as pd
+
+    from metaloop.meta.data import episode_batch, tokenize
+    from metaloop.meta.head import Centroids, label_text
+
+    model, tok = tiny
+    pool = Pool(pd.DataFrame([{"id": f"{lab}-{i}", "text": f"{words} please {i}", "label": lab, "domain": "shop",
+                               "split": "train", "source": "toy"}
+                              for lab, words in (("refund", "refund money"), ("track", "parcel track"),
+                                                 ("cancel", "cancel order")) for i in range(4)]))
+    ep = Recipe([FromDomains(["shop"]), NWays(3), KShots(2, queries=2), RemapLabels()]).sample(pool, 0, 0)
+    for shots, times in ((1.0, 1), (2.0, 2), (0.4, 1), (0.0, 0)):
+        maml = _learner(model, algorithm="maml", centroids=Centroids("cosine", 20.0, shots))
+        assert maml.names_in_support == times
+    assert _learner(model, algorithm="protonet", centroids=Centroids("cosine", 20.0, 1.0)).names_in_support == 0
+
+    plain = episode_batch(ep, pool.texts, tok, 32)
+    named = episode_batch(ep, pool.texts, tok, 32, names_in_support=2)
+    assert named.support["input_ids"].shape[0] == plain.support["input_ids"].shape[0] + 2 * ep.ways
+    assert named.support_y.tolist() == list(ep.support_y) + list(range(ep.ways)) * 2
+    learner = _learner(model, algorithm="maml", inner_steps=0, centroids=Centroids("cosine", 20.0, 2.0))
+    head = learner.adapt(named).head
+    texts = pool.texts(ep.support_ids) + [label_text(n) for n in ep.labels] * 2
+    with torch.no_grad():
+        z = learner.encoder(tokenize(tok, texts, 32))
+    expected = proto_head(z, named.support_y, ep.ways)
+    assert torch.allclose(head["weight"], expected["weight"], atol=1e-5)
+    assert not torch.allclose(head["weight"], proto_head(z[: len(ep.support_ids)], plain.support_y, ep.ways)["weight"],
+                              atol=1e-3)
