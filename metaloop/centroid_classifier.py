@@ -45,6 +45,14 @@ class CentroidLayer(nn.Linear):
         super().__init__(dim, n_classes, bias=False)
         self.rule = centroids
 
+    @classmethod
+    def of(cls, protos: torch.Tensor, rule: Centroids) -> CentroidLayer:
+        """A layer whose class vectors start as (a copy of) `protos` [N, d]."""
+        layer = cls(protos.shape[1], protos.shape[0], rule)
+        with torch.no_grad():
+            layer.weight.copy_(protos.detach())
+        return layer
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.rule.logits(z, self.weight)
 

@@ -60,6 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from metaloop.adapt import batches, linear_schedule, seeded
+from metaloop.centroid_classifier import CentroidLayer
 from metaloop.episodes import Episode
 from metaloop.meta.data import episode_batch, tokenize
 from metaloop.meta.encoder import Encoder, adapt_names
@@ -328,18 +329,6 @@ def _head_from_prototypes(z: torch.Tensor, y: torch.Tensor, ways: int, proto: bo
     return head
 
 
-class CentroidHead(nn.Module):
-    """A `Centroids` classifier whose class vectors are parameters (initialised to the prototypes)."""
-
-    def __init__(self, protos: torch.Tensor, centroids: Centroids):
-        super().__init__()
-        self.weight = nn.Parameter(protos.detach().clone())
-        self.centroids = centroids
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.centroids.logits(z, self.weight)
-
-
 def finetune_encoder(
     model: nn.Module, tokenizer, texts: Sequence[str], y: Sequence[int], ways: int, params: FinetuneParams,
     *, pooling: str = "mean", max_length: int = 64, seed: int = 13,
@@ -347,7 +336,7 @@ def finetune_encoder(
 ) -> tuple[Encoder, nn.Module, list[float]]:
     """Fine-tune a deep copy of `model` (an `AutoModel`) and a head on (texts, y).
 
-    params.classifier=centroids trains a `CentroidHead` built by `centroids` instead of a
+    params.classifier=centroids trains a `CentroidLayer` with the rule `centroids` instead of a
     linear head; with `centroids.label_shots` > 0 the class names (`labels`) join the prototypes
     and the training rows, weighted by label_shots. Returns (encoder in eval mode, head,
     per-step losses); `model` itself is not touched.
@@ -374,7 +363,8 @@ def finetune_encoder(
                             for idx in batches(len(rows), params.eval_batch_size)])
         n = len(texts)
         if params.classifier == "centroids":
-            head = CentroidHead(centroids.prototypes(z0[:n], y_t[:n], ways, z0[n:] if use_names else None), centroids)
+            head = CentroidLayer.of(centroids.prototypes(z0[:n], y_t[:n], ways, z0[n:] if use_names else None),
+                                   centroids)
         else:
             head = _head_from_prototypes(z0, y_t, ways, params.prototype_head, params.proto_scale)
         head_start = copy.deepcopy(head)
@@ -473,7 +463,7 @@ def _episodic_finetune(model, tokenizer, texts, y, ways, params, pooling, max_le
         _interpolate(enc.model, model, params.interpolate)
         with torch.no_grad():
             z = enc(batch)
-            head = CentroidHead(centroids.prototypes(z[:n], y_t, ways, z[n:] if names else None), centroids)
+            head = CentroidLayer.of(centroids.prototypes(z[:n], y_t, ways, z[n:] if names else None), centroids)
     return enc, head, losses
 
 

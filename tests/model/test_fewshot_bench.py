@@ -224,7 +224,7 @@ def test_leave_one_out_logits_match_prototypes_made_without_the_row(centroids):
 
 
 def test_episodic_finetune_trains_the_encoder_and_scores_by_prototypes(tiny, toy_episode_and_texts):
-    from metaloop.fewshot import CentroidHead
+    from metaloop.centroid_classifier import CentroidLayer
 
     model, tok = tiny
     ep, texts_of = toy_episode_and_texts
@@ -233,7 +233,7 @@ def test_episodic_finetune_trains_the_encoder_and_scores_by_prototypes(tiny, toy
     enc, head, losses = finetune_encoder(model, tok, texts_of(ep.support_ids), ep.support_y, ep.ways, params,
                                          max_length=32, labels=list(ep.labels), centroids=cos)
     assert len(losses) == 8 and losses[-1] < losses[0]
-    assert isinstance(head, CentroidHead)
+    assert isinstance(head, CentroidLayer)
     assert any(not torch.equal(p, model.state_dict()[n]) for n, p in enc.model.state_dict().items())
 
 
@@ -255,7 +255,7 @@ def test_finetune_interpolates_between_start_and_fine_tuned_weights(tiny, toy_ep
 
 
 def test_finetune_with_the_centroid_classifier_starts_at_the_prototypes(tiny, toy_episode_and_texts):
-    from metaloop.fewshot import CentroidHead
+    from metaloop.centroid_classifier import CentroidLayer
     from metaloop.meta.encoder import Encoder
     from metaloop.meta.head import label_text
 
@@ -268,7 +268,7 @@ def test_finetune_with_the_centroid_classifier_starts_at_the_prototypes(tiny, to
     frozen = FinetuneParams(**{**common, "epochs": 1, "min_steps": 0, "lr": 1e-12, "head_lr": 1e-12})
     enc, head, _ = finetune_encoder(model, tok, texts, ep.support_y, ep.ways, frozen, max_length=32,
                                     labels=labels, centroids=cos)
-    assert isinstance(head, CentroidHead)
+    assert isinstance(head, CentroidLayer)
     base = Encoder(model).eval()
     with torch.no_grad():
         from metaloop.meta.data import tokenize
