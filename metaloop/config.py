@@ -251,14 +251,19 @@ class Promotion(Strict):
         default_factory=dict,
         description="Metric -> largest allowed drop versus the champion, in points (e.g. accuracy_1shot: 1.0).",
     )
+    alpha: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        0.05, description="The gain must also be significant: one-sided exact sign test on the queries where "
+                          "challenger and champion disagree, p <= alpha. null: the margin alone decides.",
+    )
     max_size_mb: Annotated[float, Field(gt=0)] | None = None
     max_p50_ms: Annotated[float, Field(gt=0)] | None = None
 
     def policy(self):
-        from metaloop.promotion import Beats, Budget, NoNaN, NoRegression, SameEvalSet
+        from metaloop.promotion import Beats, Budget, NoNaN, NoRegression, SameEvalSet, Significant
 
-        return (NoNaN() & Budget(self.max_size_mb, self.max_p50_ms) & SameEvalSet()
-                & Beats(self.metric, self.margin) & NoRegression(self.guarded))
+        policy = (NoNaN() & Budget(self.max_size_mb, self.max_p50_ms) & SameEvalSet()
+                  & Beats(self.metric, self.margin) & NoRegression(self.guarded))
+        return policy & Significant(self.alpha) if self.alpha is not None else policy
 
 
 class FlowSettings(Strict):

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from metaloop.adapt import Examples, torch_threads
+from metaloop.promotion import outcome_record
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class EvalResult:
     threads: int
     load_avg: float | None = None
     extra: dict = field(default_factory=dict)
+    correct: str | None = None  # per-query outcomes behind `accuracy` (promotion.outcome_record)
 
     def metrics(self) -> dict[str, float]:
         """Flat numeric metrics (for MLflow); accuracy keys absent when not measured.
@@ -143,19 +145,19 @@ class EvalResult:
         return asdict(self)
 
 
-def _accuracy(clf, data: Examples) -> float:
-    pred = clf.predict(data.texts)
-    return 100.0 * float(np.mean([p == y for p, y in zip(pred, data.labels)]))
+def _outcomes(clf, data: Examples) -> list[bool]:
+    return [p == y for p, y in zip(clf.predict(data.texts), data.labels)]
 
 
 def episode_accuracy(
-    clf, episodes: Iterable, texts_of: Callable[[Iterable[str]], list[str]]
+    clf, episodes: Iterable, texts_of: Callable[[Iterable[str]], list[str]],
+    outcomes: dict[str, bool] | None = None,
 ) -> tuple[float | None, dict[int, float], int]:
     """(mean query accuracy over episodes, by shots, episodes scored) for a fixed classifier.
 
     Each episode's queries are scored by label name; the model predicts among all its labels.
     Predictions are cached by text, so episodes sharing queries (all of a domain's test rows)
-    cost one pass.
+    cost one pass. `outcomes`, if given, receives query row id -> right.
     """
     cache: dict[str, str] = {}
     per: list[float] = []
@@ -168,7 +170,10 @@ def episode_accuracy(
         if todo:
             cache.update(zip(todo, clf.predict(todo)))
         truth = [ep.labels[y] for y in ep.query_y]
-        acc = 100.0 * float(np.mean([cache[t] == y for t, y in zip(texts, truth)]))
+        right = [cache[t] == y for t, y in zip(texts, truth)]
+        if outcomes is not None:
+            outcomes.update(zip(ep.query_ids, right))
+        acc = 100.0 * float(np.mean(right))
         per.append(acc)
         shots = len(ep.support_ids) // max(1, ep.ways)
         by_shots.setdefault(shots, []).append(acc)
@@ -282,12 +287,17 @@ def evaluate(
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     with torch_threads(threads):
         clf = load_classifier(model_dir, threads=threads)
-        acc = _accuracy(clf, test) if test is not None and len(test) else None
-        ep_acc, by_shots, n_eps = (None, {}, 0)
+        right = _outcomes(clf, test) if test is not None and len(test) else None
+        acc = 100.0 * float(np.mean(right)) if right else None
+        ep_acc, by_shots, n_eps, by_query = (None, {}, 0, {})
         if episodes:
             if texts_of is None:
                 raise ValueError("episodes need texts_of (row ids -> texts), e.g. Pool.texts")
-            ep_acc, by_shots, n_eps = episode_accuracy(clf, episodes, texts_of)
+            ep_acc, by_shots, n_eps = episode_accuracy(clf, episodes, texts_of, by_query)
+        # The record behind `accuracy` (what promotion compares): the episodes' distinct
+        # queries in id order, else the test rows in order.
+        if by_query:
+            right = [by_query[q] for q in sorted(by_query)]
         lat, thr = time_classifier(clf, _sample_texts(test, batch), seq_len=seq_len, batch=batch,
                                    warmup=warmup, repeats=repeats, batch_repeats=batch_repeats)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -299,4 +309,5 @@ def evaluate(
         p50_ms_batch1=lat.p50_ms, p95_ms_batch1=lat.p95_ms, ms_batch32=thr.p50_ms,
         throughput_batch32=batch * 1000.0 / thr.p50_ms if thr.p50_ms > 0 else float("inf"),
         seq_len=seq_len, threads=threads, load_avg=load,
+        correct=outcome_record(right) if right else None,
     )

@@ -3,7 +3,7 @@
 A policy is small checks composed with `&`, each returning what it found wrong:
 
     policy = NoNaN() & Budget(max_size_mb=9.1) & SameEvalSet() & Beats("accuracy", margin=0.5) \
-        & NoRegression({"accuracy_1shot": 1.0})
+        & Significant(alpha=0.05) & NoRegression({"accuracy_1shot": 1.0})
     decision = decide(candidate, champion, policy)
 
 With no champion, only the checks that need none apply (NaN, budgets). The registry task
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol
+from typing import Mapping, Protocol, Sequence
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class Scored:
     version: str
     eval_hash: str
     metrics: Mapping[str, float]
+    correct: str | None = None  # which evaluation queries it got right (`outcome_record`)
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,60 @@ class Beats(_Composable):
             return []
         return [f"{self.metric} {cand.metrics[self.metric]:.2f} vs champion {champ.metrics[self.metric]:.2f}: "
                 f"gain {gain:+.2f} below the margin {self.margin:.2f}"]
+
+
+def outcome_record(right: Sequence[bool]) -> str:
+    """Per-query outcomes as text for a registry tag: 'n:hex' (bit i set = query i right).
+
+    Two records compare only on the same evaluation set (`SameEvalSet`), which fixes the
+    queries and their order."""
+    bits = 0
+    for i, ok in enumerate(right):
+        bits |= int(bool(ok)) << i
+    return f"{len(right)}:{bits:x}"
+
+
+def read_outcomes(record: str) -> list[bool]:
+    n, _, hexbits = record.partition(":")
+    bits = int(hexbits or "0", 16)
+    return [bool(bits >> i & 1) for i in range(int(n))]
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """One-sided exact sign test (McNemar's exact test) on the discordant queries: the chance
+    of at least `wins` of them going the candidate's way if neither model were better."""
+    n = wins + losses
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n if n else 1.0
+
+
+@dataclass(frozen=True)
+class Significant(_Composable):
+    """The candidate's gain must be more than luck: on the queries where the two models
+    disagree, the candidate must win significantly more often (exact sign test, p <= alpha).
+
+    A margin in points alone cannot tell a real gain from a row or two on a small test set
+    (on 66 queries, 0.5 points is less than one row). Needs both versions' per-query records.
+    """
+
+    alpha: float = 0.05
+
+    def failures(self, cand: Scored, champ: Scored | None) -> list[str]:
+        if champ is None:
+            return []
+        missing = [f"v{s.version}" for s in (cand, champ) if not s.correct]
+        if missing:
+            return [f"no per-query record on {', '.join(missing)} (registered before metaloop kept one), so "
+                    "significance cannot be tested; set promotion.alpha: null to promote on the margin alone"]
+        a, b = read_outcomes(cand.correct), read_outcomes(champ.correct)
+        if len(a) != len(b):
+            return [f"per-query records differ in length ({len(a)} vs {len(b)}); re-score the champion"]
+        wins = sum(x and not y for x, y in zip(a, b))
+        losses = sum(y and not x for x, y in zip(a, b))
+        p = sign_test_p(wins, losses)
+        if p <= self.alpha:
+            return []
+        return [f"gain not significant: {wins} queries newly right, {losses} newly wrong, "
+                f"sign test p = {p:.3f} > alpha {self.alpha}"]
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ class DomainOutcome:
     classifier_dir: str | None = None
     recipe: str = "fp32"
     metrics: dict[str, float] = field(default_factory=dict)
+    correct: str | None = None  # per-query outcomes of the registered model (promotion.outcome_record)
     version: str | None = None
     champion: str | None = None
     promoted: bool = False
@@ -76,10 +77,13 @@ def _adapt_compress_evaluate(domain, params: Params, init: Path, data, c, run, l
                                        params.meta.centroids())
     tracking.log_metrics(c, run, {"accuracy_before": before, **adapted.metrics()})
 
+    records: dict[str, str | None] = {}
+
     def score(model_dir: Path, recipe: str) -> dict[str, float]:
         result = evaluate(model_dir, domain=domain, recipe=recipe, test=test, episodes=episodes,
                           texts_of=pool.texts, eval_hash=eval_hash, seq_len=max_length)
         c.log_dict(run, result.to_dict(), f"eval/{recipe}.json")
+        records[recipe] = result.correct
         return result.metrics()
 
     fp32 = score(out / "fp32", "fp32")
@@ -101,4 +105,5 @@ def _adapt_compress_evaluate(domain, params: Params, init: Path, data, c, run, l
     tracking.log_metrics(c, run, {k: v for k, v in summary.items() if k in ("accuracy", "size_mb", "p50_ms_batch1")})
     c.set_tag(run, "metaloop.recipe", chosen)
     c.log_text(run, json.dumps(summary, indent=2), "summary.json")
-    return DomainOutcome(domain=domain, run_id=run, classifier_dir=str(chosen_dir), recipe=chosen, metrics=summary)
+    return DomainOutcome(domain=domain, run_id=run, classifier_dir=str(chosen_dir), recipe=chosen, metrics=summary,
+                         correct=records[chosen])

@@ -64,11 +64,13 @@ def open_runs_task(params: Params, data: DataVersion, fp: dict[str, str], c: Mlf
     return {"parent": parent, "curate": curate, "meta": meta, "experiment": exp}
 
 
-def _version_tags(fp: dict[str, str], eval_hash: str, recipe: str, parent: str, metrics: dict) -> dict[str, str]:
+def _version_tags(fp: dict[str, str], eval_hash: str, recipe: str, parent: str, metrics: dict,
+                  correct: str | None = None) -> dict[str, str]:
     return {
         **{TAG + k: v for k, v in fp.items()},
         TAG + "git_commit": tracking.git_commit(), TAG + "eval_hash": eval_hash, TAG + "recipe": recipe,
         TAG + "parent_run_id": parent, TAG + "metrics": json.dumps({k: round(v, 4) for k, v in metrics.items()}),
+        **({TAG + "correct": correct} if correct else {}),
     }
 
 
@@ -103,8 +105,9 @@ def register_and_promote_task(outcome: DomainOutcome, params: Params, data: Data
     name = registry.model_name(params.registry.prefix, outcome.domain)
     source = registry.log_classifier(c, outcome.run_id, Path(outcome.classifier_dir))
     eval_hash = data.eval_hash_by_domain[outcome.domain]
+    tags = _version_tags(fp, eval_hash, outcome.recipe, runs["parent"], outcome.metrics, outcome.correct)
     outcome.version = registry.register_version(
-        c, name, source, outcome.run_id, _version_tags(fp, eval_hash, outcome.recipe, runs["parent"], outcome.metrics),
+        c, name, source, outcome.run_id, tags,
         description=f"few-shot intent classifier for {outcome.domain}",
     )
     c.set_terminated(outcome.run_id)

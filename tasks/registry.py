@@ -85,7 +85,8 @@ def _alias(c: MlflowClient, name: str, alias: str) -> str | None:
 
 def _scored(c: MlflowClient, name: str, version: str) -> Scored:
     tags = c.get_model_version(name, version).tags
-    return Scored(version, tags.get(TAG + "eval_hash", ""), json.loads(tags.get(TAG + "metrics", "{}")))
+    return Scored(version, tags.get(TAG + "eval_hash", ""), json.loads(tags.get(TAG + "metrics", "{}")),
+                  tags.get(TAG + "correct"))
 
 
 def promote(c: MlflowClient, name: str, version: str, policy: Check,

@@ -5,9 +5,11 @@ import math
 import pytest
 
 from metaloop.config import Promotion
-from metaloop.promotion import Beats, Budget, NoNaN, Scored, decide
+from metaloop.promotion import (Beats, Budget, NoNaN, Scored, Significant, decide, outcome_record, read_outcomes,
+                                sign_test_p)
 
-POLICY = Promotion(margin=0.5, guarded={"accuracy_1shot": 1.0}, max_size_mb=10, max_p50_ms=5).policy()
+# The margin, budget and guard checks; significance has its own tests below.
+POLICY = Promotion(margin=0.5, guarded={"accuracy_1shot": 1.0}, max_size_mb=10, max_p50_ms=5, alpha=None).policy()
 CHAMP = Scored("1", "h1", {"accuracy": 90.0, "accuracy_1shot": 80.0, "size_mb": 8.0, "p50_ms_batch1": 4.0})
 
 
@@ -48,3 +50,63 @@ def test_checks_compose_with_and():
     policy = NoNaN() & Budget(max_size_mb=1.0) & Beats("accuracy", 0.0)
     assert len(policy.checks) == 3
     assert decide(cand(size_mb=0.5, accuracy=90.1), CHAMP, policy).promote
+
+
+def test_outcome_record_round_trips_with_its_length():
+    right = [True, False, True, True] + [False] * 9  # trailing misses must survive
+    assert read_outcomes(outcome_record(right)) == right
+    assert read_outcomes(outcome_record([])) == []
+
+
+def test_sign_test_p_values():
+    assert sign_test_p(5, 0) == 1 / 32
+    assert sign_test_p(0, 0) == 1.0  # no disagreement: no evidence
+    assert sign_test_p(1, 1) == 0.75
+    assert sign_test_p(0, 3) == 1.0
+
+
+def scored(version: str, right: list[bool], accuracy: float | None = None) -> Scored:
+    acc = 100.0 * sum(right) / len(right) if accuracy is None else accuracy
+    return Scored(version, "h1", {"accuracy": acc}, outcome_record(right))
+
+
+# 66 queries, as the packaged hospitality domain has: the champion gets 56 right.
+CHAMP_ROWS = [True] * 56 + [False] * 10
+
+
+@pytest.mark.parametrize(
+    "flips_right, flips_wrong, promote, reason",
+    [
+        (1, 0, False, "1 queries newly right, 0 newly wrong, sign test p = 0.500"),  # +1.5 points, one row
+        (3, 2, False, "p = 0.500"),  # net +1 row out of five disagreements
+        (4, 0, False, "p = 0.062"),
+        (5, 0, True, "passes"),  # p = 1/32
+    ],
+)
+def test_significance_needs_more_than_a_row_or_two(flips_right, flips_wrong, promote, reason):
+    champ_rows = CHAMP_ROWS
+    cand_rows = list(champ_rows)
+    wrong_idx = [i for i, ok in enumerate(champ_rows) if not ok][:flips_right]
+    right_idx = [i for i, ok in enumerate(champ_rows) if ok][:flips_wrong]
+    for i in wrong_idx:
+        cand_rows[i] = True
+    for i in right_idx:
+        cand_rows[i] = False
+    policy = Promotion(margin=0.5).policy()  # the shipped default: alpha 0.05
+    decision = decide(scored("2", cand_rows), scored("1", champ_rows), policy)
+    assert decision.promote is promote, decision.reasons
+    assert any(reason in r for r in decision.reasons), decision.reasons
+
+
+def test_significance_without_records_names_the_fix():
+    old_champion = Scored("1", "h1", {"accuracy": 90.0})  # registered before records were kept
+    failures = Significant(0.05).failures(scored("2", [True] * 10), old_champion)
+    assert failures and "v1" in failures[0] and "promotion.alpha: null" in failures[0]
+    assert Significant(0.05).failures(scored("2", [True] * 10), None) == []  # first version: nothing to beat
+    short = Significant(0.05).failures(scored("2", [True] * 10), scored("1", [False] * 9))
+    assert "differ in length" in short[0]
+
+
+def test_alpha_null_leaves_the_margin_alone():
+    assert not any(isinstance(c, Significant) for c in Promotion(alpha=None).policy().checks)
+    assert any(c == Significant(0.05) for c in Promotion().policy().checks)

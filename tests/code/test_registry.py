@@ -13,18 +13,19 @@ from metaloop.config import Promotion
 from tasks.registry import CHALLENGER, CHAMPION, _alias, list_models, log_classifier, promote, register_version, rollback
 from tasks.tracking import TAG, client, experiment_id, start_run
 
-POLICY = Promotion(margin=0.5, guarded={"accuracy_1shot": 1.0}).policy()
+POLICY = Promotion(margin=0.5, guarded={"accuracy_1shot": 1.0}, alpha=None).policy()
 NAME = "metaloop-hotel"
 
 
-def new_version(c, tmp_path, accuracy: float, eval_hash: str = "e1", shot1: float = 80.0, log_model: bool = False) -> str:
+def new_version(c, tmp_path, accuracy: float, eval_hash: str = "e1", shot1: float = 80.0, log_model: bool = False,
+                correct: str | None = None) -> str:
     run = start_run(c, experiment_id(c, "t"), "domain-hotel")
     source = f"runs:/{run}/model"
     if log_model:
         source = log_classifier(c, run, tiny_classifier(tmp_path / f"clf-{run}", ["checkout", "shuttle", "towels"]))
     tags = {TAG + "eval_hash": eval_hash, TAG + "metrics": json.dumps({"accuracy": accuracy, "accuracy_1shot": shot1}),
             TAG + "data_hash": "d1", TAG + "git_commit": "abc", TAG + "params_hash": "p1", TAG + "recipe": "fp32",
-            TAG + "parent_run_id": run}
+            TAG + "parent_run_id": run, **({TAG + "correct": correct} if correct else {})}
     return register_version(c, NAME, source, run, tags)
 
 
@@ -49,6 +50,22 @@ def test_first_version_becomes_champion_then_policy_decides(mlflow_sqlite, tmp_p
     assert rollback(c, NAME) == v1
     assert _alias(c, NAME, CHAMPION) == v1
     assert c.get_model_version(NAME, v1).tags[TAG + "restored_from"] == v3
+
+
+def test_significance_reads_the_per_query_records_from_the_versions(mlflow_sqlite, tmp_path):
+    from metaloop.promotion import outcome_record
+
+    policy = Promotion(margin=0.5).policy()  # alpha 0.05, as shipped
+    c = client()
+    champ_rows = [True] * 56 + [False] * 10
+    promote(c, NAME, new_version(c, tmp_path, 84.85, correct=outcome_record(champ_rows)), policy)
+    one_more = [True] * 57 + [False] * 9  # +1.5 points: past the margin, one row
+    v2 = new_version(c, tmp_path, 86.36, correct=outcome_record(one_more))
+    decision = promote(c, NAME, v2, policy)
+    assert not decision.promote and "not significant" in c.get_model_version(NAME, v2).tags[TAG + "reasons"]
+    six_more = [True] * 62 + [False] * 4
+    v3 = new_version(c, tmp_path, 93.94, correct=outcome_record(six_more))
+    assert promote(c, NAME, v3, policy).promote and _alias(c, NAME, CHAMPION) == v3
 
 
 def test_different_eval_set_is_not_compared(mlflow_sqlite, tmp_path):
@@ -105,14 +122,16 @@ def test_champion_loads_in_a_fresh_process_and_predicts(mlflow_sqlite, tmp_path)
 
 
 def test_cli_models_promote_rollback(mlflow_sqlite, tmp_path):
-    c = client()
-    v1 = new_version(c, tmp_path, 90.0)
+    from metaloop.promotion import outcome_record
     from support import ROOT
+
+    c = client()  # params.yaml's policy tests significance, so the versions carry per-query records
+    v1 = new_version(c, tmp_path, 84.85, correct=outcome_record([True] * 56 + [False] * 10))
 
     params = str(ROOT / "params.yaml")
     out = run_cli("metaloop", "promote", "--params", params, "--domain", "hotel", cwd=tmp_path).stdout
     assert "hotel: v1 promote" in out
-    new_version(c, tmp_path, 93.0)
+    new_version(c, tmp_path, 93.94, correct=outcome_record([True] * 62 + [False] * 4))
     run_cli("metaloop", "promote", "--params", params, cwd=tmp_path)
     rows = json.loads(run_cli("metaloop", "models", "--json", "--params", params, cwd=tmp_path).stdout)
     assert rows[0]["domain"] == "hotel" and rows[0]["champion"] == "2" and rows[0]["challenger"] is None

@@ -81,8 +81,12 @@ def test_1_first_run_trains_registers_and_promotes(project):
     assert alias(c, "metaloop-meta", "champion") == "1"
     tags = c.get_model_version(f"metaloop-{TARGET}", "1").tags
     for key in ("data_hash", "git_commit", "params_hash", "code_version", "eval_hash", "recipe", "parent_run_id",
-                "metrics", "decision", "reasons"):
+                "metrics", "decision", "reasons", "correct"):
         assert tags.get(f"metaloop.{key}"), key
+    from metaloop.promotion import read_outcomes  # the record the significance test compares
+
+    right = read_outcomes(tags["metaloop.correct"])
+    assert 100.0 * sum(right) / len(right) == pytest.approx(json.loads(tags["metaloop.metrics"])["accuracy"], abs=1e-3)
     manifest = json.loads((project / "data" / "episodes" / "manifest.json").read_text())
     assert tags["metaloop.eval_hash"] == manifest["eval_hash_by_domain"][TARGET]
     assert json.loads(tags["metaloop.metrics"])["accuracy"] >= 0

@@ -128,6 +128,19 @@ def test_evaluate_returns_one_typed_result(classifier):
             "throughput_batch32"} <= set(metrics)
     assert all(isinstance(v, float) for v in metrics.values())
     assert set(r.row()) == {"domain", "recipe", "size_mb", "p50_ms_batch1", "throughput_batch32", "accuracy"}
+    # The per-query record behind `accuracy` (promotion's significance test): one bit per
+    # distinct query, in id order, agreeing with the model's predictions.
+    from metaloop.compress.runtime import load_classifier
+    from metaloop.promotion import read_outcomes
+
+    right = read_outcomes(r.correct)
+    pred = dict(zip(q.text, load_classifier(folder).predict(list(q.text))))
+    by_id = dict(zip(q.id, (pred[t] == y for t, y in zip(q.text, q.label))))
+    assert right == [by_id[i] for i in sorted(by_id)]
+    assert 100.0 * np.mean(right) == pytest.approx(r.accuracy)
+    test_only = evaluate(folder, domain="fruit", recipe="fp32", test=test, seq_len=16, threads=1, warmup=1, repeats=2,
+                         batch_repeats=1)
+    assert len(read_outcomes(test_only.correct)) == len(test)
 
 
 def test_few_shot_accuracy_adapts_on_each_support_set(classifier):
