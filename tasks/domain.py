@@ -8,6 +8,7 @@ a domain's failure is its own (the flow records it and carries on with the other
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from metaloop.curate import CURATED
 from metaloop.episode_sets import EVAL
 from metaloop.episodes import Pool, read_manifest
 from metaloop.evaluate import evaluate
-from tasks import tracking
+from tasks import registry, tracking
 
 
 @dataclass
@@ -34,6 +35,7 @@ class DomainOutcome:
     recipe: str = "fp32"
     metrics: dict[str, float] = field(default_factory=dict)
     correct: str | None = None  # per-query outcomes of the registered model (promotion.outcome_record)
+    champion_scores: dict | None = None  # the champion re-scored on these episodes (registry.record_scores)
     version: str | None = None
     champion: str | None = None
     promoted: bool = False
@@ -105,5 +107,26 @@ def _adapt_compress_evaluate(domain, params: Params, init: Path, data, c, run, l
     tracking.log_metrics(c, run, {k: v for k, v in summary.items() if k in ("accuracy", "size_mb", "p50_ms_batch1")})
     c.set_tag(run, "metaloop.recipe", chosen)
     c.log_text(run, json.dumps(summary, indent=2), "summary.json")
+    champion_scores = _rescore_champion(c, registry.model_name(params.registry.prefix, domain), eval_hash,
+                                        score, records, logger)
     return DomainOutcome(domain=domain, run_id=run, classifier_dir=str(chosen_dir), recipe=chosen, metrics=summary,
-                         correct=records[chosen])
+                         correct=records[chosen], champion_scores=champion_scores)
+
+
+def _rescore_champion(c: MlflowClient, name: str, eval_hash: str, score, records: dict, logger) -> dict | None:
+    """Score the champion on this run's episodes when it was scored on others (its domain's
+    data changed) or kept no per-query record, so promotion compares like with like.
+    Best effort: on failure, promotion refuses the comparison and says why."""
+    version = registry.champion_to_rescore(c, name, eval_hash)
+    if version is None:
+        return None
+    recipe = f"champion-v{version}"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            metrics = score(registry.download_classifier(c, name, version, Path(tmp)), recipe)
+    except Exception as err:  # an old champion's format, a missing artifact: keep the run going
+        logger.warning("%s: could not re-score champion v%s on the current episodes: %s", name, version, err)
+        return None
+    logger.info("%s: champion v%s re-scored on the current episodes: accuracy %.1f", name, version,
+                metrics.get("accuracy", float("nan")))
+    return {"version": version, "metrics": metrics, "correct": records[recipe]}

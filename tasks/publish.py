@@ -111,6 +111,9 @@ def register_and_promote_task(outcome: DomainOutcome, params: Params, data: Data
         description=f"few-shot intent classifier for {outcome.domain}",
     )
     c.set_terminated(outcome.run_id)
+    if outcome.champion_scores:
+        s = outcome.champion_scores
+        registry.record_scores(c, name, s["version"], eval_hash, s["metrics"], s["correct"])
     decision = registry.promote(c, name, outcome.version, params.promotion.policy())
     outcome.promoted, outcome.reasons = decision.promote, list(decision.reasons)
     outcome.champion = registry._alias(c, name, registry.CHAMPION)

@@ -83,10 +83,59 @@ def _alias(c: MlflowClient, name: str, alias: str) -> str | None:
         return None
 
 
-def _scored(c: MlflowClient, name: str, version: str) -> Scored:
+def _scores_key(eval_hash: str) -> str:
+    return TAG + "scores." + eval_hash[:16]
+
+
+def _scored(c: MlflowClient, name: str, version: str, eval_hash: str | None = None) -> Scored:
+    """The version's scores; on `eval_hash` from a re-scoring (`record_scores`) where its own
+    evaluation was on other episodes or kept no per-query record."""
     tags = c.get_model_version(name, version).tags
-    return Scored(version, tags.get(TAG + "eval_hash", ""), json.loads(tags.get(TAG + "metrics", "{}")),
-                  tags.get(TAG + "correct"))
+    own = Scored(version, tags.get(TAG + "eval_hash", ""), json.loads(tags.get(TAG + "metrics", "{}")),
+                 tags.get(TAG + "correct"))
+    if eval_hash and (own.eval_hash != eval_hash or not own.correct) and _scores_key(eval_hash) in tags:
+        again = json.loads(tags[_scores_key(eval_hash)])
+        return Scored(version, again["eval_hash"], again["metrics"], again["correct"])
+    return own
+
+
+def champion_to_rescore(c: MlflowClient, name: str, eval_hash: str) -> str | None:
+    """The champion's version if it has no scores with a per-query record on `eval_hash`
+    (its domain's data changed since, or it predates the records); else None."""
+    champion = _alias(c, name, CHAMPION) if _model_exists(c, name) else None
+    if champion is None:
+        return None
+    s = _scored(c, name, champion, eval_hash)
+    return champion if s.eval_hash != eval_hash or not s.correct else None
+
+
+def _model_exists(c: MlflowClient, name: str) -> bool:
+    try:
+        c.get_registered_model(name)
+        return True
+    except MlflowException:
+        return False
+
+
+def download_classifier(c: MlflowClient, name: str, version: str, dst: Path) -> Path:
+    """The classifier folder inside a registered pyfunc version (what `log_classifier` wrapped)."""
+    import mlflow.artifacts
+
+    source = c.get_model_version(name, version).source
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/artifacts", dst_path=str(dst),
+                                                      tracking_uri=c.tracking_uri))
+    folders = [p for p in local.iterdir() if p.is_dir()]
+    if len(folders) != 1:
+        raise MetaloopError(f"{name} v{version}: expected one classifier folder under {source}/artifacts, "
+                            f"found {[p.name for p in folders]}")
+    return folders[0]
+
+
+def record_scores(c: MlflowClient, name: str, version: str, eval_hash: str, metrics: Mapping[str, float],
+                  correct: str | None) -> None:
+    """Write a re-scoring on other evaluation episodes beside the version's own scores."""
+    body = {"eval_hash": eval_hash, "metrics": {k: round(v, 4) for k, v in metrics.items()}, "correct": correct}
+    c.set_model_version_tag(name, version, _scores_key(eval_hash), json.dumps(body))
 
 
 def promote(c: MlflowClient, name: str, version: str, policy: Check,
@@ -100,7 +149,8 @@ def promote(c: MlflowClient, name: str, version: str, policy: Check,
         # Decided before against this same champion: replay it (and finish an interrupted move).
         decision = Decision(tags[TAG + "decision"] == "promote", tuple(json.loads(tags[TAG + "reasons"])), version, champion)
     else:
-        decision = decide(_scored(c, name, version), _scored(c, name, champion) if champion else None, policy)
+        cand = _scored(c, name, version)
+        decision = decide(cand, _scored(c, name, champion, cand.eval_hash) if champion else None, policy)
         for key, value in {
             "decision": "promote" if decision.promote else "keep",
             "reasons": json.dumps(list(decision.reasons)),

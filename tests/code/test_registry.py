@@ -10,7 +10,9 @@ import pytest
 
 from support import run_cli, tiny_classifier
 from metaloop.config import Promotion
-from tasks.registry import CHALLENGER, CHAMPION, _alias, list_models, log_classifier, promote, register_version, rollback
+from metaloop.promotion import decide
+from tasks.registry import (CHALLENGER, CHAMPION, _alias, _scored, champion_to_rescore, download_classifier, list_models,
+                            log_classifier, promote, record_scores, register_version, rollback)
 from tasks.tracking import TAG, client, experiment_id, start_run
 
 POLICY = Promotion(margin=0.5, guarded={"accuracy_1shot": 1.0}, alpha=None).policy()
@@ -66,6 +68,26 @@ def test_significance_reads_the_per_query_records_from_the_versions(mlflow_sqlit
     six_more = [True] * 62 + [False] * 4
     v3 = new_version(c, tmp_path, 93.94, correct=outcome_record(six_more))
     assert promote(c, NAME, v3, policy).promote and _alias(c, NAME, CHAMPION) == v3
+
+
+def test_a_champion_rescored_on_new_episodes_is_compared_on_them(mlflow_sqlite, tmp_path):
+    from metaloop.promotion import outcome_record
+
+    policy = Promotion(margin=0.5).policy()
+    c = client()
+    v1 = new_version(c, tmp_path, 90.0, eval_hash="old", log_model=True)  # scored on other episodes, no record
+    promote(c, NAME, v1, policy)
+    assert champion_to_rescore(c, NAME, "old") == v1  # no per-query record
+    assert champion_to_rescore(c, NAME, "new") == v1
+    assert (download_classifier(c, NAME, v1, tmp_path / "dl") / "config.json").is_file()
+    v2 = new_version(c, tmp_path, 93.94, eval_hash="new", correct=outcome_record([True] * 62 + [False] * 4))
+    before = decide(_scored(c, NAME, v2), _scored(c, NAME, v1, "new"), policy)
+    assert not before.promote and "different set" in before.reasons[0]
+
+    record_scores(c, NAME, v1, "new", {"accuracy": 84.85}, outcome_record([True] * 56 + [False] * 10))
+    assert champion_to_rescore(c, NAME, "new") is None
+    assert promote(c, NAME, v2, policy).promote and _alias(c, NAME, CHAMPION) == v2
+    assert json.loads(c.get_model_version(NAME, v1).tags[TAG + "metrics"])["accuracy"] == 90.0  # its own, kept
 
 
 def test_different_eval_set_is_not_compared(mlflow_sqlite, tmp_path):

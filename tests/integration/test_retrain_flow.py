@@ -124,7 +124,8 @@ def test_3_changed_data_follows_policy_and_one_broken_domain_does_not_sink_the_o
     params_edit(project,
                 sources=p["sources"] + [{"kind": "file", "path": "data/raw/broken.csv"}],
                 domains={**p["domains"], "target": [TARGET, "veterinary_clinic", "broken_desk"]},
-                adapt={"epochs": 1, "shots": 4})  # broken_desk has only 3 train rows a label
+                adapt={"epochs": 1, "shots": 4},  # broken_desk has only 3 train rows a label
+                episodes={**p["episodes"], "eval_draws": 3})  # new evaluation episodes for every domain
     proc = metaloop_run(project)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "broken_desk" in proc.stdout and "failed" in proc.stdout
@@ -134,6 +135,14 @@ def test_3_changed_data_follows_policy_and_one_broken_domain_does_not_sink_the_o
     assert alias(c, "metaloop-veterinary_clinic", "champion") == "1"  # the healthy new domain is promoted
     v2 = c.get_model_version(f"metaloop-{TARGET}", "2")
     decision = v2.tags["metaloop.decision"]
+    # The champion was scored on other episodes: the flow re-scored it on the new ones, so the
+    # decision compares like with like (no "different set" refusal).
+    new_hash = v2.tags["metaloop.eval_hash"]
+    v1 = c.get_model_version(f"metaloop-{TARGET}", "1")
+    assert v1.tags["metaloop.eval_hash"] != new_hash
+    rescored = json.loads(v1.tags[f"metaloop.scores.{new_hash[:16]}"])
+    assert rescored["eval_hash"] == new_hash and rescored["correct"]
+    assert "different set" not in v2.tags["metaloop.reasons"], v2.tags["metaloop.reasons"]
     assert alias(c, f"metaloop-{TARGET}", "champion") == ("2" if decision == "promote" else "1")
     assert v2.tags["metaloop.data_hash"] != c.get_model_version(f"metaloop-{TARGET}", "1").tags["metaloop.data_hash"]
     assert not c.search_registered_models("name = 'metaloop-broken_desk'")
