@@ -79,6 +79,7 @@ from metaloop.config import (
     Domains,
     Episodes,
     FileSource,
+    PackagedSource,
     Meta,
     Params,
     load_params,
@@ -156,6 +157,8 @@ class BenchConfig(BaseModel):
     meta_overrides_by_algo: dict[str, dict[str, Any]] = Field(default_factory=dict)
     episode_overrides: dict[str, Any] = Field(default_factory=dict, description="episodes: ways/shots/queries/...")
     meta_finetune: bool = False
+    packaged_meta_train: bool = Field(
+        False, description="Add metaloop's packaged corpus (12 domains x 8 intents) to the meta-train domains.")
     pretrain_centroid_only: bool = Field(False, description="supervised-pretrain: skip the fine-tuning adaptation.")
     head_steps: Annotated[int, Field(ge=0)] = Field(
         0, description="> 0: also score every centroid method as <method>+head (CentroidHeadFit, K >= 2).")
@@ -197,11 +200,21 @@ def bench_params(cfg: BenchConfig) -> Params:
             "steps": cfg.meta_steps, "threads_per_rank": cfg.threads, "nproc": 1}
     return Params.model_validate({
         "seed": cfg.seed,
-        "sources": [FileSource(kind="file", name="clinc150", path=cfg.data, columns=Columns(split="split"))],
+        "sources": [FileSource(kind="file", name="clinc150", path=cfg.data, columns=Columns(split="split")),
+                    *([PackagedSource(kind="packaged")] if cfg.packaged_meta_train else [])],
         "curation": {"output_dir": cfg.work_dir / "curated"},
-        "domains": Domains(meta_train=cfg.meta_train, meta_val=cfg.meta_val, target=cfg.targets),
+        "domains": Domains(meta_train=[*cfg.meta_train, *(packaged_domains() if cfg.packaged_meta_train else [])],
+                           meta_val=cfg.meta_val, target=cfg.targets),
         "episodes": episodes, "backbone": backbone, "meta": meta,
     })
+
+
+def packaged_domains() -> list[str]:
+    """The domains of metaloop's packaged corpus (none of them is a CLINC150 domain)."""
+    from importlib import resources
+
+    return sorted(f.name.removesuffix(".jsonl") for f in (resources.files("metaloop") / "corpus").iterdir()
+                  if f.name.endswith(".jsonl"))
 
 
 def curate_pool(params: Params) -> tuple[Pool, Path]:
@@ -681,6 +694,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
       help="episodes.meta_train_split: meta-train episodes from the train split (default) or every row")
     a("--meta-set", action="append", default=[], metavar="[ALGO.]KEY=VALUE", help="any meta: key")
     a("--meta-finetune", action="store_true", help="also score <algorithm>+finetune")
+    a("--meta-train-packaged", action="store_true",
+      help="also meta-train on metaloop's packaged corpus (12 more domains; use --meta-ways all)")
     a("--ft-impl", choices=["pooled", "adapt-fit"], default=d.ft_impl)
     a("--ft-epochs", type=int)
     a("--ft-lr", type=float)
@@ -741,7 +756,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
             finetune=FinetuneParams(**ft), ft_impl=args.ft_impl,
             pretrain=PretrainParams(**pt), meta_steps=args.meta_steps, meta_minutes=args.meta_minutes,
             meta_overrides=common, meta_overrides_by_algo=by_algo, episode_overrides=episodes,
-            meta_finetune=args.meta_finetune, dev=args.dev, resume=args.resume, verbose=args.verbose,
+            meta_finetune=args.meta_finetune, packaged_meta_train=args.meta_train_packaged, dev=args.dev, resume=args.resume, verbose=args.verbose,
         )
     except ValidationError as err:
         raise SystemExit(f"bench/fewshot.py: invalid options:\n{err}") from None

@@ -394,6 +394,23 @@ def test_missing_data_exits_with_a_message(tmp_path, capsys):
     assert "CLINC150 not found" in capsys.readouterr().err
 
 
+def test_packaged_corpus_joins_meta_training_only(tmp_path):
+    """--meta-train-packaged adds the packaged corpus as a source and its domains to
+    meta-train; targets and meta-val stay CLINC's."""
+    bench = _bench()
+    data = tmp_path / "synthetic.jsonl"
+    _synthetic_jsonl(data)
+    cfg, _ = bench.parse_args(["--data", str(data), "--work-dir", str(tmp_path / "w"), "--meta-train-packaged"])
+    params = bench.bench_params(cfg)
+    packaged = bench.packaged_domains()
+    assert "hospitality" in packaged and len(packaged) == 12
+    assert params.domains.meta_train == [*cfg.meta_train, *packaged]
+    assert params.domains.target == cfg.targets and not set(packaged) & set(cfg.targets + cfg.meta_val)
+    assert [s.kind for s in params.sources] == ["file", "packaged"]
+    plain = bench.bench_params(bench.parse_args(["--data", str(data), "--work-dir", str(tmp_path / "w")])[0])
+    assert [s.kind for s in plain.sources] == ["file"] and not set(packaged) & set(plain.domains.meta_train)
+
+
 def test_meta_minutes_stops_training_and_still_exports(tmp_path, tiny_dir):
     bench = _bench()
     data = tmp_path / "synthetic.jsonl"
