@@ -102,19 +102,11 @@ def _scored(c: MlflowClient, name: str, version: str, eval_hash: str | None = No
 def champion_to_rescore(c: MlflowClient, name: str, eval_hash: str) -> str | None:
     """The champion's version if it has no scores with a per-query record on `eval_hash`
     (its domain's data changed since, or it predates the records); else None."""
-    champion = _alias(c, name, CHAMPION) if _model_exists(c, name) else None
+    champion = _alias(c, name, CHAMPION)  # None also when the model is not registered yet
     if champion is None:
         return None
     s = _scored(c, name, champion, eval_hash)
     return champion if s.eval_hash != eval_hash or not s.correct else None
-
-
-def _model_exists(c: MlflowClient, name: str) -> bool:
-    try:
-        c.get_registered_model(name)
-        return True
-    except MlflowException:
-        return False
 
 
 def download_classifier(c: MlflowClient, name: str, version: str, dst: Path) -> Path:
