@@ -85,6 +85,7 @@ from metaloop.config import (
     load_params,
 )
 from metaloop.episode_sets import eval_episodes, eval_hash, meta_train_recipe
+from metaloop.sources import packaged_domains
 from metaloop.meta.dist import keep_freed_memory
 from metaloop.episodes import (
     Episode,
@@ -207,14 +208,6 @@ def bench_params(cfg: BenchConfig) -> Params:
                            meta_val=cfg.meta_val, target=cfg.targets),
         "episodes": episodes, "backbone": backbone, "meta": meta,
     })
-
-
-def packaged_domains() -> list[str]:
-    """The domains of metaloop's packaged corpus (none of them is a CLINC150 domain)."""
-    from importlib import resources
-
-    return sorted(f.name.removesuffix(".jsonl") for f in (resources.files("metaloop") / "corpus").iterdir()
-                  if f.name.endswith(".jsonl"))
 
 
 def curate_pool(params: Params) -> tuple[Pool, Path]:

@@ -150,10 +150,19 @@ def _parquet(data: bytes, where: str) -> list[tuple[int, dict]]:
 # ---------------------------------------------------------------- origins
 
 
-def _packaged_records(src: PackagedSource) -> list[tuple[int, dict]]:
+def packaged_files() -> list:
+    """The packaged corpus: one `<domain>.jsonl` per domain, sorted by name."""
     folder = resources.files("metaloop") / "corpus"
-    files = sorted((f for f in folder.iterdir() if f.name.endswith(".jsonl")), key=lambda f: f.name)
-    present = {f.name.removesuffix(".jsonl") for f in files}
+    return sorted((f for f in folder.iterdir() if f.name.endswith(".jsonl")), key=lambda f: f.name)
+
+
+def packaged_domains() -> list[str]:
+    return [f.name.removesuffix(".jsonl") for f in packaged_files()]
+
+
+def _packaged_records(src: PackagedSource) -> list[tuple[int, dict]]:
+    files = packaged_files()
+    present = set(packaged_domains())
     wanted = set(src.domains or present)
     if unknown := wanted - present:
         raise DataError(
@@ -271,10 +280,8 @@ def source_fingerprint(sources: list[Source]) -> str:
         h.update(f"{i}:{src.model_dump_json()}".encode())
         match src:
             case PackagedSource():
-                folder = resources.files("metaloop") / "corpus"
-                for f in sorted(folder.iterdir(), key=lambda f: f.name):
-                    if f.name.endswith(".jsonl"):
-                        h.update(hashlib.sha256(f.read_bytes()).digest())
+                for f in packaged_files():
+                    h.update(hashlib.sha256(f.read_bytes()).digest())
             case FileSource():
                 h.update(hashlib.sha256(src.path.read_bytes()).digest() if src.path.is_file() else b"missing")
             case HuggingFaceSource():
