@@ -69,7 +69,7 @@ def _version_tags(fp: dict[str, str], eval_hash: str, recipe: str, parent: str, 
     return {
         **{TAG + k: v for k, v in fp.items()},
         TAG + "git_commit": tracking.git_commit(), TAG + "eval_hash": eval_hash, TAG + "recipe": recipe,
-        TAG + "parent_run_id": parent, TAG + "metrics": json.dumps({k: round(v, 4) for k, v in metrics.items()}),
+        TAG + "parent_run_id": parent, TAG + "metrics": json.dumps(registry.rounded(metrics)),
         **({TAG + "correct": correct} if correct else {}),
     }
 

@@ -123,10 +123,15 @@ def download_classifier(c: MlflowClient, name: str, version: str, dst: Path) -> 
     return folders[0]
 
 
+def rounded(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Metrics as the `metrics` tags hold them (a version's own and a re-scoring's alike)."""
+    return {k: round(v, 4) for k, v in metrics.items()}
+
+
 def record_scores(c: MlflowClient, name: str, version: str, eval_hash: str, metrics: Mapping[str, float],
                   correct: str | None) -> None:
     """Write a re-scoring on other evaluation episodes beside the version's own scores."""
-    body = {"eval_hash": eval_hash, "metrics": {k: round(v, 4) for k, v in metrics.items()}, "correct": correct}
+    body = {"eval_hash": eval_hash, "metrics": rounded(metrics), "correct": correct}
     c.set_model_version_tag(name, version, _scores_key(eval_hash), json.dumps(body))
 
 
