@@ -19,6 +19,9 @@
   then `repeats` timed calls -> p50 and p95 (linear interpolation between order statistics).
 * throughput: batch `batch` (32), padded the same way; warm-up, then the median of
   `batch_repeats` timed calls -> texts per second.
+* `timing=False` skips both (their fields are None, absent from `metrics()`): re-scoring a
+  champion on new episodes needs only its accuracy and per-query record, and the warm-up
+  and ~100 timed calls were most of that re-scoring's time.
 
 Latency numbers depend on the machine and its load: `threads` (torch intra-op threads and
 onnxruntime's intra_op_num_threads) is recorded with the result, and so is the load average.
@@ -98,10 +101,10 @@ class EvalResult:
     eval_hash: str | None
     size_mb: float
     params: int | None
-    p50_ms_batch1: float
-    p95_ms_batch1: float
-    ms_batch32: float
-    throughput_batch32: float  # texts per second
+    p50_ms_batch1: float | None  # the four timings: None when evaluated with timing=False
+    p95_ms_batch1: float | None
+    ms_batch32: float | None
+    throughput_batch32: float | None  # texts per second
     seq_len: int
     threads: int
     load_avg: float | None = None
@@ -114,10 +117,9 @@ class EvalResult:
         `accuracy` is the episode accuracy when episodes were given (what promotion compares),
         else the test accuracy; `test_accuracy` and `accuracy_{k}shot` are always their own.
         """
-        out = {
-            "size_mb": self.size_mb, "p50_ms_batch1": self.p50_ms_batch1, "p95_ms_batch1": self.p95_ms_batch1,
-            "ms_batch32": self.ms_batch32, "throughput_batch32": self.throughput_batch32,
-        }
+        timings = {"p50_ms_batch1": self.p50_ms_batch1, "p95_ms_batch1": self.p95_ms_batch1,
+                   "ms_batch32": self.ms_batch32, "throughput_batch32": self.throughput_batch32}
+        out = {"size_mb": self.size_mb, **{k: v for k, v in timings.items() if v is not None}}
         if self.accuracy is not None:
             out["accuracy"] = self.accuracy
         if self.test_accuracy is not None:
@@ -137,8 +139,8 @@ class EvalResult:
     def row(self) -> dict:
         """The benchmark's JSON row."""
         return {"domain": self.domain, "recipe": self.recipe, "size_mb": round(self.size_mb, 3),
-                "p50_ms_batch1": round(self.p50_ms_batch1, 3),
-                "throughput_batch32": round(self.throughput_batch32, 1),
+                "p50_ms_batch1": None if self.p50_ms_batch1 is None else round(self.p50_ms_batch1, 3),
+                "throughput_batch32": None if self.throughput_batch32 is None else round(self.throughput_batch32, 1),
                 "accuracy": None if self.test_accuracy is None else round(self.test_accuracy, 2)}
 
     def to_dict(self) -> dict:
@@ -264,6 +266,13 @@ def _sample_texts(data: Examples | None, n: int) -> list[str]:
     return [base[i % len(base)] for i in range(n)]
 
 
+def _timings(lat: LatencyStats | None, thr: LatencyStats | None, batch: int) -> dict[str, float | None]:
+    if lat is None or thr is None:
+        return dict.fromkeys(("p50_ms_batch1", "p95_ms_batch1", "ms_batch32", "throughput_batch32"))
+    return {"p50_ms_batch1": lat.p50_ms, "p95_ms_batch1": lat.p95_ms, "ms_batch32": thr.p50_ms,
+            "throughput_batch32": batch * 1000.0 / thr.p50_ms if thr.p50_ms > 0 else float("inf")}
+
+
 def evaluate(
     model_dir: str | Path,
     *,
@@ -279,6 +288,7 @@ def evaluate(
     warmup: int = 10,
     repeats: int = 100,
     batch_repeats: int = 10,
+    timing: bool = True,
 ) -> EvalResult:
     """Load `model_dir` from disk and score it (see the module docstring)."""
     from metaloop.compress.runtime import load_classifier
@@ -298,16 +308,15 @@ def evaluate(
         # queries in id order, else the test rows in order.
         if by_query:
             right = [by_query[q] for q in sorted(by_query)]
-        lat, thr = time_classifier(clf, _sample_texts(test, batch), seq_len=seq_len, batch=batch,
-                                   warmup=warmup, repeats=repeats, batch_repeats=batch_repeats)
+        lat, thr = (time_classifier(clf, _sample_texts(test, batch), seq_len=seq_len, batch=batch, warmup=warmup,
+                                    repeats=repeats, batch_repeats=batch_repeats) if timing else (None, None))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return EvalResult(
         domain=domain, recipe=recipe, model_dir=str(model_dir), format=clf.meta.get("format", "hf"),
         test_accuracy=acc, n_test=len(test) if test is not None else 0,
         episode_accuracy=ep_acc, accuracy_by_shots=by_shots, n_episodes=n_eps, eval_hash=eval_hash,
         size_mb=size_on_disk(model_dir) / 1e6, params=clf.n_params,
-        p50_ms_batch1=lat.p50_ms, p95_ms_batch1=lat.p95_ms, ms_batch32=thr.p50_ms,
-        throughput_batch32=batch * 1000.0 / thr.p50_ms if thr.p50_ms > 0 else float("inf"),
+        **_timings(lat, thr, batch),
         seq_len=seq_len, threads=threads, load_avg=load,
         correct=outcome_record(right) if right else None,
     )

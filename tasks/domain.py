@@ -81,9 +81,9 @@ def _adapt_compress_evaluate(domain, params: Params, init: Path, data, c, run, l
 
     records: dict[str, str | None] = {}
 
-    def score(model_dir: Path, recipe: str) -> dict[str, float]:
+    def score(model_dir: Path, recipe: str, timing: bool = True) -> dict[str, float]:
         result = evaluate(model_dir, domain=domain, recipe=recipe, test=test, episodes=episodes,
-                          texts_of=pool.texts, eval_hash=eval_hash, seq_len=max_length)
+                          texts_of=pool.texts, eval_hash=eval_hash, seq_len=max_length, timing=timing)
         c.log_dict(run, result.to_dict(), f"eval/{recipe}.json")
         records[recipe] = result.correct
         return result.metrics()
@@ -123,7 +123,8 @@ def _rescore_champion(c: MlflowClient, name: str, eval_hash: str, score, records
     recipe = f"champion-v{version}"
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            metrics = score(registry.download_classifier(c, name, version, Path(tmp)), recipe)
+            # accuracy only: promotion compares the champion's accuracy, never its latency
+            metrics = score(registry.download_classifier(c, name, version, Path(tmp)), recipe, timing=False)
     except Exception as err:  # an old champion's format, a missing artifact: keep the run going
         logger.warning("%s: could not re-score champion v%s on the current episodes: %s", name, version, err)
         return None

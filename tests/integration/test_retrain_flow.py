@@ -142,6 +142,8 @@ def test_3_changed_data_follows_policy_and_one_broken_domain_does_not_sink_the_o
     assert v1.tags["metaloop.eval_hash"] != new_hash
     rescored = json.loads(v1.tags[f"metaloop.scores.{new_hash[:16]}"])
     assert rescored["eval_hash"] == new_hash and rescored["correct"]
+    # accuracy only: promotion never compares a champion's latency, so it is not re-timed
+    assert "accuracy" in rescored["metrics"] and "p50_ms_batch1" not in rescored["metrics"]
     assert "different set" not in v2.tags["metaloop.reasons"], v2.tags["metaloop.reasons"]
     assert alias(c, f"metaloop-{TARGET}", "champion") == ("2" if decision == "promote" else "1")
     assert v2.tags["metaloop.data_hash"] != c.get_model_version(f"metaloop-{TARGET}", "1").tags["metaloop.data_hash"]

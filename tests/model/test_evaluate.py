@@ -141,6 +141,14 @@ def test_evaluate_returns_one_typed_result(classifier):
     test_only = evaluate(folder, domain="fruit", recipe="fp32", test=test, seq_len=16, threads=1, warmup=1, repeats=2,
                          batch_repeats=1)
     assert len(read_outcomes(test_only.correct)) == len(test)
+    # Accuracy only (a champion's re-scoring): the same scores and record, no timings.
+    untimed = evaluate(folder, domain="fruit", recipe="fp32", test=test, episodes=[ep],
+                       texts_of=lambda ids: [texts[i] for i in ids], eval_hash="abc", seq_len=16, threads=1,
+                       timing=False)
+    assert untimed.correct == r.correct and untimed.accuracy == pytest.approx(r.accuracy)
+    assert untimed.p50_ms_batch1 is None and untimed.throughput_batch32 is None
+    assert {"accuracy", "accuracy_1shot", "size_mb"} <= set(untimed.metrics())
+    assert not {"p50_ms_batch1", "p95_ms_batch1", "ms_batch32", "throughput_batch32"} & set(untimed.metrics())
 
 
 def test_few_shot_accuracy_adapts_on_each_support_set(classifier):
