@@ -74,6 +74,8 @@ class TrainResult:
     resumed_from: int | None
     world_size: int
     digest: str  # sha256 of this rank's final parameters
+    device: str = "cpu"  # where this rank trained: cpu, cuda:<local rank>
+    backend: str | None = None  # the process group's: gloo (CPU), nccl (GPU), None (one process)
     learner: MetaLearner | None = field(default=None, repr=False)
 
     def summary(self) -> dict:
@@ -362,7 +364,8 @@ def _train(params, ctx, out, texts, train_eps, val_eps, fp, resume, stop, on_ste
         output_dir=out, model_dir=model_dir, step=step, best_step=best["step"] if best else None,
         best_val_loss=best["val_loss"] if best else None, best_val_acc=best["val_acc"] if best else None,
         stopped_early=state["stopped_early"], interrupted=interrupted, resumed_from=resumed_from,
-        world_size=ctx.world, digest=digests[ctx.rank], learner=learner,
+        world_size=ctx.world, digest=digests[ctx.rank], device=str(ctx.device), backend=ctx.backend,
+        learner=learner,
     )
     if main:
         if len(set(digests)) != 1:

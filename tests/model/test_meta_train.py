@@ -58,6 +58,7 @@ def test_single_process_run_exports_a_loadable_model(project):
         torch.testing.assert_close(p, best[f"encoder.model.{name}"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rank_digests"] == [result.digest]
+    assert summary["device"] == "cpu" and summary["backend"] is None  # one process, no process group
 
 
 def test_early_stopping_keeps_the_best_checkpoint(project):
@@ -128,6 +129,7 @@ def test_torchrun_two_ranks_hold_identical_parameters(two_rank_run, tiny_dir, tm
     out = params.meta.output_dir
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 6
+    assert summary["backend"] == "gloo" and summary["device"] == "cpu"  # chosen: no GPU here
     assert len(summary["rank_digests"]) == 2 and len(set(summary["rank_digests"])) == 1
     # and the result does not depend on the number of ranks (beyond float summation order)
     single = run(load_params(make_project(tmp_path / "single", tiny_dir)))
