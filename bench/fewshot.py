@@ -151,6 +151,8 @@ class BenchConfig(BaseModel):
         None, description="Class-name weight in the baselines' centroids (default: meta.label_shots).")
     finetune: FinetuneParams = FinetuneParams()
     ft_impl: Literal["pooled", "adapt-fit"] = "pooled"
+    ft_soup: Annotated[int, Field(gt=0)] = Field(
+        1, description="--ft-impl adapt-fit: average this many fine-tunings' weights (adapt.soup).")
     pretrain: PretrainParams = PretrainParams()
     meta_steps: Annotated[int, Field(gt=0)] = 100_000
     meta_minutes: Annotated[float, Field(gt=0)] | None = 30.0
@@ -178,6 +180,8 @@ class BenchConfig(BaseModel):
         bad = set(self.meta_overrides_by_algo) - set(ALGORITHMS)
         if bad:
             raise ValueError(f"--meta-set for unknown algorithms {sorted(bad)}")
+        if self.ft_soup > 1 and self.ft_impl != "adapt-fit":
+            raise ValueError("--ft-soup is adapt.soup: it needs --ft-impl adapt-fit")
         if self.dev and not self.meta_val:
             raise ValueError("--dev scores the meta-val domains: give at least one with --meta-val")
         return self
@@ -339,7 +343,7 @@ def _finetune_method(cfg: BenchConfig, params: Params, model, tok, init_folder: 
         ap = AdaptParams(strategy="full" if ft.scope == "all" else ft.scope, top_k=ft.top_k, epochs=ft.epochs,
                          batch_size=ft.batch_size, lr=ft.lr, head_lr=ft.head_lr, weight_decay=ft.weight_decay,
                          warmup=ft.warmup, prototype_head=ft.prototype_head, holdout_fraction=0.0,
-                         threads=cfg.threads, classifier=ft.classifier)
+                         threads=cfg.threads, classifier=ft.classifier, soup=cfg.ft_soup)
         return AdaptFitMethod(init_folder, ap, max_length=params.backbone.max_length, seed=params.seed,
                               centroids=baseline_centroids(cfg, params), pooling=params.backbone.pooling)
     return Finetune(model, tok, cfg.finetune, pooling=params.backbone.pooling,
@@ -690,6 +694,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
     a("--meta-train-packaged", action="store_true",
       help="also meta-train on metaloop's packaged corpus (12 more domains; use --meta-ways all)")
     a("--ft-impl", choices=["pooled", "adapt-fit"], default=d.ft_impl)
+    a("--ft-soup", type=int, default=d.ft_soup,
+      help="with --ft-impl adapt-fit: average the weights of this many fine-tunings (adapt.soup)")
     a("--ft-epochs", type=int)
     a("--ft-lr", type=float)
     a("--ft-head-lr", type=float)
@@ -746,7 +752,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
             methods=args.methods, threads=args.threads, backbone=args.backbone, max_length=args.max_length,
             centroid_metric=args.centroid_metric, label_shots=args.label_shots,
             pretrain_centroid_only=args.pretrain_centroid_only, head_steps=args.head_steps, head_lr=args.head_lr,
-            finetune=FinetuneParams(**ft), ft_impl=args.ft_impl,
+            finetune=FinetuneParams(**ft), ft_impl=args.ft_impl, ft_soup=args.ft_soup,
             pretrain=PretrainParams(**pt), meta_steps=args.meta_steps, meta_minutes=args.meta_minutes,
             meta_overrides=common, meta_overrides_by_algo=by_algo, episode_overrides=episodes,
             meta_finetune=args.meta_finetune, packaged_meta_train=args.meta_train_packaged, dev=args.dev, resume=args.resume, verbose=args.verbose,

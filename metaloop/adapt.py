@@ -470,6 +470,8 @@ class FitHistory:
     learned_lrs: int = 0  # parameters trained with Meta-SGD step sizes
     trainable_params: int = 0
     seconds: float = 0.0
+    soup: int = 1  # members averaged into the returned model
+    soup_val_accuracy: float | None = None  # the average's held-out accuracy (soup > 1)
 
 
 def _trainable(model: nn.Module, params: AdaptParams) -> None:
@@ -575,7 +577,47 @@ def fit(
     `params.classifier` = centroids a `CentroidClassifier` whose rule is `centroids`
     (`params.meta.centroids()`: the classifier the encoder was meta-trained with) and whose
     class names join the training rows, weighted by its label_shots; in eval mode.
+
+    `params.soup` > 1 fine-tunes that many members, seeds `seed`, `seed + 1`, ..., from the
+    same init and returns one model holding the mean of their weights (a uniform model
+    soup: fine-tunings of one init stay in one basin, so their average is a model, not a
+    blur). The history is the first member's, with `soup` and the total seconds.
     """
+    kw = {"val": val, "max_length": max_length, "centroids": centroids, "pooling": pooling}
+    model, tokenizer, hist = _fit_one(init, train, labels, params, seed=seed, **kw)
+    if params.soup == 1:
+        return model, tokenizer, hist
+    total = {k: v.detach().clone().double() for k, v in model.state_dict().items() if v.is_floating_point()}
+    for i in range(1, params.soup):
+        member, _, h = _fit_one(init, train, labels, params, seed=seed + i, **kw)
+        for k, v in member.state_dict().items():
+            if k in total:
+                total[k] += v.double()
+        hist.seconds += h.seconds
+        del member
+    state = model.state_dict()
+    with torch.no_grad():
+        for k, v in total.items():
+            state[k].copy_((v / params.soup).to(state[k].dtype))
+    hist.soup = params.soup
+    if val is not None and len(val):  # the returned model's own held-out accuracy, not member 0's
+        hist.soup_val_accuracy = accuracy(model, tokenizer, val, labels, max_length)[0]
+    return model, tokenizer, hist
+
+
+def _fit_one(
+    init: str | Path,
+    train: Examples,
+    labels: Sequence[str],
+    params: AdaptParams,
+    *,
+    val: Examples | None,
+    max_length: int,
+    seed: int,
+    centroids,
+    pooling: str,
+):
+    """One fine-tuning run (see `fit`)."""
     labels = list(labels)
     if params.classifier == "centroids" and centroids is None:
         raise ConfigError("adapt.classifier: centroids needs the centroid rule: pass centroids=params.meta.centroids()")
@@ -742,6 +784,8 @@ def adapt_domain(
                                  seed=seed, centroids=centroids, pooling=pooling)
     out = Path(out_dir) if out_dir is not None else Path(params.output_dir) / domain
     best_val = hist.val_accuracy[hist.best_epoch - 1] if hist.val_accuracy else None
+    if hist.soup_val_accuracy is not None:
+        best_val = hist.soup_val_accuracy
     result = AdaptResult(
         domain=domain, model_dir=str(out), strategy=params.strategy, labels=data.labels,
         n_train=len(data.train), n_val=len(data.val) if data.val else 0, val_source=data.val_source,

@@ -68,6 +68,9 @@ class AdaptParams(Strict):
         30, description="Early-stop only when the held-out slice has at least this many rows."
     )
     patience: PositiveInt = Field(2, description="Epochs without held-out improvement before stopping.")
+    soup: PositiveInt = Field(
+        1, description="Fine-tune this many times (seeds seed, seed+1, ...) and average the weights into one "
+                       "model (a uniform model soup): same size and speed, soup x the adaptation time.")
     threads: PositiveInt | None = Field(None, description="torch CPU threads while adapting (null: leave as is).")
     output_dir: Path = Path("artifacts/adapted")
 

@@ -180,6 +180,24 @@ def test_meta_sgd_step_sizes_from_the_init_are_used(tmp_path, tiny_dir, table):
     assert not torch.equal(without.state_dict()["bert." + frozen], start["bert." + frozen])
 
 
+@pytest.mark.parametrize("classifier", ["linear", "centroids"])
+def test_soup_is_the_mean_of_its_members_weights(tiny_dir, table, classifier):
+    from metaloop.meta.head import Centroids
+
+    data = domain_data(table, "shop", AdaptParams())
+    one = AdaptParams(**{**FAST, "epochs": 3}, classifier=classifier, holdout_fraction=0.0)
+    kw = {"max_length": 32, "centroids": Centroids("cosine", 10.0, 1.0) if classifier == "centroids" else None}
+    members = [fit(tiny_dir, data.train, data.labels, one, seed=s, **kw)[0].state_dict() for s in (13, 14, 15)]
+    soup, _, hist = fit(tiny_dir, data.train, data.labels, one.model_copy(update={"soup": 3}), seed=13, **kw)
+    assert hist.soup == 3
+    averaged = 0
+    for k, v in soup.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, sum(m[k] for m in members) / 3, atol=1e-6, rtol=1e-5)
+            averaged += not torch.equal(members[0][k], members[1][k])
+    assert averaged > 10  # the members differ (seeded batches), so the soup is not a copy of one
+
+
 def test_early_stopping_uses_val_rows_or_a_holdout(table):
     t = table.copy()
     data = domain_data(t, "shop", AdaptParams(holdout_fraction=0.25, early_stopping_min_rows=8))

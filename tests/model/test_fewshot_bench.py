@@ -395,6 +395,16 @@ def test_missing_data_exits_with_a_message(tmp_path, capsys):
     assert "CLINC150 not found" in capsys.readouterr().err
 
 
+def test_ft_soup_reaches_adapt_fit_and_is_refused_elsewhere(tmp_path):
+    bench = _bench()
+    cfg, _ = bench.parse_args(["--ft-impl", "adapt-fit", "--ft-classifier", "centroids", "--ft-soup", "3"])
+    params = bench.bench_params(cfg)
+    method = bench._finetune_method(cfg, params, None, None, tmp_path)
+    assert method.params.soup == 3 and method.params.classifier == "centroids"
+    with pytest.raises(SystemExit, match="--ft-soup"):
+        bench.parse_args(["--ft-soup", "3"])  # the pooled implementation has no soup
+
+
 def test_packaged_corpus_joins_meta_training_only(tmp_path):
     """--meta-train-packaged adds the packaged corpus as a source and its domains to
     meta-train; targets and meta-val stay CLINC's."""
