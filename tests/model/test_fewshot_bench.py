@@ -383,6 +383,23 @@ def test_harness_runs_every_kind_of_method_on_identical_episodes(tmp_path, tiny_
     bench.plot(report, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # bench/finetune_variants.py on the ProtoNet encoder just trained: its soup column is
+    # what adapt.soup ships (the same weights, so the same queries right)
+    spec = importlib.util.spec_from_file_location("bench_variants", ROOT / "bench" / "finetune_variants.py")
+    variants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(variants)
+    flags = ["--data", str(data), "--work-dir", str(tmp_path / "work"), "--params", str(tmp_path / "none.yaml"),
+             "--backbone", str(tiny_dir), "--max-length", "32", "--threads", "1", "--meta-val", "dom3",
+             "--targets", "dom4,dom5", "--meta-train", "dom0,dom1,dom2", "--meta-ways", "3", "--shots", "1,2", "--draws", "2", "--meta-set", "metric=cosine", "--meta-set", "label_shots=1",
+             "--ft-epochs", "2", "--ft-impl", "adapt-fit", "--ft-classifier", "centroids"]
+    assert variants.main(["--seeds", "13,14", "--json", str(tmp_path / "variants.json"), "--", *flags]) == 0
+    rows = json.loads((tmp_path / "variants.json").read_text())["rows"]
+    assert [r["episode"] for r in rows] == [e.id for e in dev.episodes]
+    assert {"A13", "B13", "AB13", "A14", "ensA2", "soup2"} <= set(rows[0])
+    vcfg, _ = bench.parse_args([*flags, "--dev", "--ft-soup", "2"])
+    shipped = bench._finetune_method(vcfg, params, None, None, tmp_path / "work" / "meta" / "protonet" / "model")
+    assert shipped.accuracy(dev.episodes[0], pool.texts) == pytest.approx(rows[0]["soup2"], abs=1e-6)
+
     # a method handed other episodes is refused
     changed = replace(report.evalset, episodes=report.evalset.episodes[:-1])
     with pytest.raises(AssertionError, match="changed"):

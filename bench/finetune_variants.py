@@ -1,0 +1,134 @@
+"""Seed ensembles, weight soups and recomputed prototypes of the production fine-tuning, paired.
+
+Session 9's probe (docs/fewshot.md): for every evaluation episode, `metaloop.adapt.fit`
+(the centroid classifier, as the main job adapts) runs once per seed from one encoder, and
+each query set is scored as
+
+    A<seed>     the fine-tuned model as it is (its trained class vectors)
+    B<seed>     the same encoder, class vectors recomputed as prototypes (names included)
+    AB<seed>    the mean of A's and B's logits
+    ensA<n>     mean softmax of the first n seeds' A (an n-model ensemble)
+    soup<n>     one model holding the mean of the first n seeds' weights (= adapt.soup: n)
+
+The episodes, encoder and fine-tuning settings are bench/fewshot.py's, from the same flags
+(give them after the probe's own). Dev (the meta-val domain's val split) unless --targets.
+
+    .venv/bin/python bench/finetune_variants.py --seeds 13,14,15 --json bench/results/s9/variants.json -- \\
+        --params /tmp/params-s3.yaml --threads 2 --meta-set metric=cosine --meta-set label_shots=1 \\
+        --meta-set scale=20 --work-dir bench/results/s4/ft-work --ft-classifier centroids --ft-impl adapt-fit
+
+It reads the ProtoNet encoder that bench/fewshot.py exported under --work-dir (run that first).
+Prints the mean per shot count of every column and its paired difference from A<first seed>
+(the production single run) with a 95% interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fewshot import baseline_centroids, bench_params, build_eval_set, curate_pool, parse_args
+
+from metaloop.adapt import AdaptParams, Examples, fit, predict_logits, prototype_init, torch_threads
+from metaloop.fewshot import mean_ci95
+
+
+def score_episode(ep, pool, init, ap, cent, max_length, pooling, seeds, threads) -> dict:
+    labels = list(ep.labels)
+    support = Examples(pool.texts(ep.support_ids), [labels[y] for y in ep.support_y])
+    queries, y = pool.texts(ep.query_ids), torch.tensor(ep.query_y)
+
+    def acc(logits):
+        return float((logits.argmax(-1) == y).float().mean())
+
+    row: dict = {"episode": ep.id, "domain": ep.domain, "shots": len(ep.support_ids) // ep.ways}
+    probs, total = [], None
+    t0 = time.perf_counter()
+    for n, seed in enumerate(seeds, 1):
+        model, tok, _ = fit(init, support, labels, ap, max_length=max_length, seed=seed, centroids=cent,
+                            pooling=pooling)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        with torch_threads(threads):
+            a = predict_logits(model, tok, queries, max_length)
+            prototype_init(model, tok, support, labels, max_length)
+            b = predict_logits(model, tok, queries, max_length)
+        row[f"A{seed}"], row[f"B{seed}"], row[f"AB{seed}"] = acc(a), acc(b), acc(a + b)
+        probs.append(a.softmax(-1))
+        row[f"ensA{n}"] = acc(sum(probs))
+        total = state if total is None else {k: total[k] + v if v.is_floating_point() else v
+                                             for k, v in state.items()}
+        if n > 1:
+            model.load_state_dict({k: v / n if v.is_floating_point() else v for k, v in total.items()})
+            with torch_threads(threads):
+                row[f"soup{n}"] = acc(predict_logits(model, tok, queries, max_length))
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def summary(rows: list[dict], base: str) -> str:
+    cols = [k for k in rows[0] if k not in ("episode", "domain", "shots", "seconds")]
+    lines = []
+    for k in sorted({r["shots"] for r in rows}):
+        rs = [r for r in rows if r["shots"] == k]
+        lines.append(f"{k}-shot ({len(rs)} episodes)")
+        for c in cols:
+            d = mean_ci95([100 * (r[c] - r[base]) for r in rs])
+            lines.append(f"  {c:>8} {100 * statistics.fmean(r[c] for r in rs):6.2f}  {d.mean:+.2f} ± {d.ci95:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    own, _, rest = _split(argv)
+    ap = argparse.ArgumentParser(prog="python bench/finetune_variants.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", default="13,14,15", help="fine-tuning seeds; the first is the baseline")
+    ap.add_argument("--targets", action="store_true", help="score the target domains' test episodes (not dev)")
+    ap.add_argument("--json", type=Path, help="write the per-episode rows")
+    args = ap.parse_args(own)
+    cfg, _ = parse_args([*rest, *([] if args.targets else ["--dev"])])
+    if cfg.ft_impl != "adapt-fit" or cfg.finetune.classifier != "centroids":
+        raise SystemExit("give the production fine-tuning: --ft-impl adapt-fit --ft-classifier centroids")
+    params = bench_params(cfg)
+    pool, _ = curate_pool(params)
+    ev = build_eval_set(pool, params, dev=not args.targets)
+    init = cfg.work_dir / "meta" / "protonet" / "model"
+    if not (init / "config.json").is_file():
+        raise SystemExit(f"no ProtoNet encoder at {init}: run bench/fewshot.py --methods protonet with this --work-dir")
+    ft = cfg.finetune
+    adapt = AdaptParams(strategy="full" if ft.scope == "all" else ft.scope, top_k=ft.top_k, epochs=ft.epochs,
+                        batch_size=ft.batch_size, lr=ft.lr, head_lr=ft.head_lr, weight_decay=ft.weight_decay,
+                        warmup=ft.warmup, prototype_head=ft.prototype_head, holdout_fraction=0.0,
+                        threads=cfg.threads, classifier="centroids")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    print(f"{len(ev.episodes)} episodes ({ev.split} split of {', '.join(ev.domains)}), eval hash {ev.hash[:12]}",
+          flush=True)
+    rows = []
+    for ep in ev.episodes:
+        rows.append(score_episode(ep, pool, init, adapt, baseline_centroids(cfg, params), params.backbone.max_length,
+                                  params.backbone.pooling, seeds, cfg.threads))
+        print(f"{ep.id}: A{seeds[0]} {100 * rows[-1][f'A{seeds[0]}']:.2f} ({rows[-1]['seconds']}s)", flush=True)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"eval_hash": ev.hash, "seeds": seeds, "rows": rows}, indent=1) + "\n")
+    print(summary(rows, f"A{seeds[0]}"))
+    return 0
+
+
+def _split(argv: list[str]) -> tuple[list[str], str, list[str]]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], "--", argv[i + 1:]
+    return argv, "", []
+
+
+if __name__ == "__main__":
+    sys.exit(main())
