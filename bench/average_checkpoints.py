@@ -13,6 +13,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from metaloop.adapt import mean_weights
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -30,8 +32,7 @@ def main() -> None:
     shutil.copytree(args.src, args.dst)
     ck = args.dst / "meta" / args.algorithm / "checkpoints"
     sds = [load_file(str(ck / n / "weights.safetensors")) for n in args.checkpoints]
-    avg = {k: (sum(sd[k].double() for sd in sds) / len(sds)).to(v.dtype) if v.is_floating_point() else v
-           for k, v in sds[0].items()}
+    avg = mean_weights(sds)
     best = sorted(ck.glob("best-*"))
     if not best:
         raise SystemExit(f"{ck} has no best-* checkpoint to replace (the run had no meta-validation)")

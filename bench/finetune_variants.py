@@ -38,7 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fewshot import baseline_centroids, bench_params, build_eval_set, curate_pool, parse_args
 
-from metaloop.adapt import AdaptParams, Examples, fit, predict_logits, prototype_init, torch_threads
+from metaloop.adapt import (
+    AdaptParams,
+    Examples,
+    fit,
+    mean_weights,
+    predict_logits,
+    prototype_init,
+    torch_threads,
+)
 from metaloop.fewshot import mean_ci95
 
 
@@ -51,12 +59,12 @@ def score_episode(ep, pool, init, ap, cent, max_length, pooling, seeds, threads)
         return float((logits.argmax(-1) == y).float().mean())
 
     row: dict = {"episode": ep.id, "domain": ep.domain, "shots": len(ep.support_ids) // ep.ways}
-    probs, total = [], None
+    probs, states = [], []
     t0 = time.perf_counter()
     for n, seed in enumerate(seeds, 1):
         model, tok, _ = fit(init, support, labels, ap, max_length=max_length, seed=seed, centroids=cent,
                             pooling=pooling)
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         with torch_threads(threads):
             a = predict_logits(model, tok, queries, max_length)
             prototype_init(model, tok, support, labels, max_length)
@@ -64,10 +72,8 @@ def score_episode(ep, pool, init, ap, cent, max_length, pooling, seeds, threads)
         row[f"A{seed}"], row[f"B{seed}"], row[f"AB{seed}"] = acc(a), acc(b), acc(a + b)
         probs.append(a.softmax(-1))
         row[f"ensA{n}"] = acc(sum(probs))
-        total = state if total is None else {k: total[k] + v if v.is_floating_point() else v
-                                             for k, v in state.items()}
-        if n > 1:
-            model.load_state_dict({k: v / n if v.is_floating_point() else v for k, v in total.items()})
+        if n > 1:  # the same average adapt.soup keeps
+            model.load_state_dict(mean_weights(states))
             with torch_threads(threads):
                 row[f"soup{n}"] = acc(predict_logits(model, tok, queries, max_length))
     row["seconds"] = round(time.perf_counter() - t0, 1)

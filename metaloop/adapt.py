@@ -587,22 +587,26 @@ def fit(
     model, tokenizer, hist = _fit_one(init, train, labels, params, seed=seed, **kw)
     if params.soup == 1:
         return model, tokenizer, hist
-    total = {k: v.detach().clone().double() for k, v in model.state_dict().items() if v.is_floating_point()}
+    states = [model.state_dict()]
     for i in range(1, params.soup):
         member, _, h = _fit_one(init, train, labels, params, seed=seed + i, **kw)
-        for k, v in member.state_dict().items():
-            if k in total:
-                total[k] += v.double()
+        states.append(member.state_dict())
         hist.seconds += h.seconds
-        del member
-    state = model.state_dict()
-    with torch.no_grad():
-        for k, v in total.items():
-            state[k].copy_((v / params.soup).to(state[k].dtype))
+    model.load_state_dict(mean_weights(states))
     hist.soup = params.soup
     if val is not None and len(val):  # the returned model's own held-out accuracy, not member 0's
         hist.soup_val_accuracy = accuracy(model, tokenizer, val, labels, max_length)[0]
     return model, tokenizer, hist
+
+
+def mean_weights(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The uniform average of state dicts with the same keys (a model soup, averaged
+    checkpoints): floating tensors averaged in float64 and cast back, others (integer
+    buffers such as position ids) taken from the first."""
+    if not states:
+        raise ValueError("mean_weights needs at least one state dict")
+    return {k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v
+            for k, v in states[0].items()}
 
 
 def _fit_one(
