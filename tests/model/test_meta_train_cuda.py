@@ -29,7 +29,9 @@ def _run(cmd: list[str], env: dict) -> None:
 
 
 def _weights(out) -> dict[str, torch.Tensor]:
-    return load_file(out / "checkpoints" / "step-00000006" / "weights.safetensors")
+    """The last checkpoint's weights (where latest.json points, as test_meta_train reads them)."""
+    pointer = json.loads((out / "checkpoints" / "latest.json").read_text())
+    return load_file(out / "checkpoints" / pointer["dir"] / "weights.safetensors")
 
 
 def _losses(out) -> list[float]:
