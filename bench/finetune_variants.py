@@ -36,10 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fewshot import baseline_centroids, bench_params, build_eval_set, curate_pool, parse_args
+from fewshot import _finetune_method, bench_params, build_eval_set, curate_pool, parse_args
 
 from metaloop.adapt import (
-    AdaptParams,
     Examples,
     fit,
     mean_weights,
@@ -94,7 +93,7 @@ def summary(rows: list[dict], base: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    own, _, rest = _split(argv)
+    own, rest = _split(argv)
     ap = argparse.ArgumentParser(prog="python bench/finetune_variants.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="13,14,15", help="fine-tuning seeds; the first is the baseline")
     ap.add_argument("--targets", action="store_true", help="score the target domains' test episodes (not dev)")
@@ -109,18 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     init = cfg.work_dir / "meta" / "protonet" / "model"
     if not (init / "config.json").is_file():
         raise SystemExit(f"no ProtoNet encoder at {init}: run bench/fewshot.py --methods protonet with this --work-dir")
-    ft = cfg.finetune
-    adapt = AdaptParams(strategy="full" if ft.scope == "all" else ft.scope, top_k=ft.top_k, epochs=ft.epochs,
-                        batch_size=ft.batch_size, lr=ft.lr, head_lr=ft.head_lr, weight_decay=ft.weight_decay,
-                        warmup=ft.warmup, prototype_head=ft.prototype_head, holdout_fraction=0.0,
-                        threads=cfg.threads, classifier="centroids")
+    production = _finetune_method(cfg, params, None, None, init)  # the harness's adapt.fit settings
     seeds = [int(s) for s in args.seeds.split(",")]
     print(f"{len(ev.episodes)} episodes ({ev.split} split of {', '.join(ev.domains)}), eval hash {ev.hash[:12]}",
           flush=True)
     rows = []
     for ep in ev.episodes:
-        rows.append(score_episode(ep, pool, init, adapt, baseline_centroids(cfg, params), params.backbone.max_length,
-                                  params.backbone.pooling, seeds, cfg.threads))
+        rows.append(score_episode(ep, pool, init, production.params, production.centroids,
+                                  params.backbone.max_length, params.backbone.pooling, seeds, cfg.threads))
         print(f"{ep.id}: A{seeds[0]} {100 * rows[-1][f'A{seeds[0]}']:.2f} ({rows[-1]['seconds']}s)", flush=True)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -129,11 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _split(argv: list[str]) -> tuple[list[str], str, list[str]]:
+def _split(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the probe's own flags, bench/fewshot.py's flags after `--`)."""
     if "--" in argv:
         i = argv.index("--")
-        return argv[:i], "--", argv[i + 1:]
-    return argv, "", []
+        return argv[:i], argv[i + 1:]
+    return argv, []
 
 
 if __name__ == "__main__":
