@@ -390,7 +390,8 @@ def test_harness_runs_every_kind_of_method_on_identical_episodes(tmp_path, tiny_
     spec.loader.exec_module(variants)
     flags = ["--data", str(data), "--work-dir", str(tmp_path / "work"), "--params", str(tmp_path / "none.yaml"),
              "--backbone", str(tiny_dir), "--max-length", "32", "--threads", "1", "--meta-val", "dom3",
-             "--targets", "dom4,dom5", "--meta-train", "dom0,dom1,dom2", "--meta-ways", "3", "--shots", "1,2", "--draws", "2", "--meta-set", "metric=cosine", "--meta-set", "label_shots=1",
+             "--targets", "dom4,dom5", "--meta-train", "dom0,dom1,dom2", "--meta-ways", "3",
+             "--shots", "1,2", "--draws", "2", "--meta-set", "metric=cosine", "--meta-set", "label_shots=1",
              "--ft-epochs", "2", "--ft-impl", "adapt-fit", "--ft-classifier", "centroids"]
     assert variants.main(["--seeds", "13,14", "--json", str(tmp_path / "variants.json"), "--", *flags]) == 0
     rows = json.loads((tmp_path / "variants.json").read_text())["rows"]
