@@ -10,6 +10,13 @@ each query set is scored as
     ensA<n>     mean softmax of the first n seeds' A (an n-model ensemble)
     soup<n>     one model holding the mean of the first n seeds' weights (= adapt.soup: n)
 
+With --second-init (`pretrained` or a model folder), each episode is also fine-tuned from
+that encoder with the first seed (session 10: do two inits make different errors?):
+
+    X           the second init's fine-tuned model (from `pretrained`: baseline (b)'s production run)
+    ensAX       mean softmax of A<first seed> and X
+    soupAX      one model holding the mean of their weights
+
 The episodes, encoder and fine-tuning settings are bench/fewshot.py's, from the same flags
 (give them after the probe's own). Dev (the meta-val domain's val split) unless --targets.
 
@@ -49,7 +56,7 @@ from metaloop.adapt import (
 from metaloop.fewshot import mean_ci95
 
 
-def score_episode(ep, pool, init, ap, cent, max_length, pooling, seeds, threads) -> dict:
+def score_episode(ep, pool, init, ap, cent, max_length, pooling, seeds, threads, second=None) -> dict:
     labels = list(ep.labels)
     support = Examples(pool.texts(ep.support_ids), [labels[y] for y in ep.support_y])
     queries, y = pool.texts(ep.query_ids), torch.tensor(ep.query_y)
@@ -75,6 +82,14 @@ def score_episode(ep, pool, init, ap, cent, max_length, pooling, seeds, threads)
             model.load_state_dict(mean_weights(states))
             with torch_threads(threads):
                 row[f"soup{n}"] = acc(predict_logits(model, tok, queries, max_length))
+    if second is not None:
+        model, tok, _ = fit(second, support, labels, ap, max_length=max_length, seed=seeds[0], centroids=cent,
+                            pooling=pooling)
+        with torch_threads(threads):
+            x = predict_logits(model, tok, queries, max_length)
+            model.load_state_dict(mean_weights([states[0], model.state_dict()]))
+            row["X"], row["ensAX"] = acc(x), acc(probs[0] + x.softmax(-1))
+            row["soupAX"] = acc(predict_logits(model, tok, queries, max_length))
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
@@ -98,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="13,14,15", help="fine-tuning seeds; the first is the baseline")
     ap.add_argument("--targets", action="store_true", help="score the target domains' test episodes (not dev)")
     ap.add_argument("--json", type=Path, help="write the per-episode rows")
+    ap.add_argument("--second-init", help="also fine-tune from this encoder: `pretrained` (the backbone) or a folder")
     args = ap.parse_args(own)
     cfg, _ = parse_args([*rest, *([] if args.targets else ["--dev"])])
     if cfg.ft_impl != "adapt-fit" or cfg.finetune.classifier != "centroids":
@@ -110,12 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no ProtoNet encoder at {init}: run bench/fewshot.py --methods protonet with this --work-dir")
     production = _finetune_method(cfg, params, None, None, init)  # the harness's adapt.fit settings
     seeds = [int(s) for s in args.seeds.split(",")]
+    second = None
+    if args.second_init:
+        from metaloop.backbone import resolve
+
+        second = resolve(params.backbone.name_or_path) if args.second_init == "pretrained" else args.second_init
     print(f"{len(ev.episodes)} episodes ({ev.split} split of {', '.join(ev.domains)}), eval hash {ev.hash[:12]}",
           flush=True)
     rows = []
     for ep in ev.episodes:
         rows.append(score_episode(ep, pool, init, production.params, production.centroids,
-                                  params.backbone.max_length, params.backbone.pooling, seeds, cfg.threads))
+                                  params.backbone.max_length, params.backbone.pooling, seeds, cfg.threads, second))
         print(f"{ep.id}: A{seeds[0]} {100 * rows[-1][f'A{seeds[0]}']:.2f} ({rows[-1]['seconds']}s)", flush=True)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)

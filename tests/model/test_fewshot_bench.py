@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metaloop.backbone import tiny_bert
 from metaloop.episodes import Episode
 from metaloop.fewshot import (
     EmbeddingCache,
@@ -400,6 +401,19 @@ def test_harness_runs_every_kind_of_method_on_identical_episodes(tmp_path, tiny_
     vcfg, _ = bench.parse_args([*flags, "--dev", "--ft-soup", "2"])
     shipped = bench._finetune_method(vcfg, params, None, None, tmp_path / "work" / "meta" / "protonet" / "model")
     assert shipped.accuracy(dev.episodes[0], pool.texts) == pytest.approx(rows[0]["soup2"], abs=1e-6)
+    # --second-init: its X column is the production fine-tuning from that folder (a tiny BERT of
+    # another seed, so the two inits score apart); `pretrained` names the backbone itself
+    other = tmp_path / "other-init"
+    tiny_bert(other, seed=7)
+    bcfg, _ = bench.parse_args([*flags, "--dev"])
+    from_other = bench._finetune_method(bcfg, bench.bench_params(bcfg), None, None, other)
+    expected = [from_other.accuracy(e, pool.texts) for e in dev.episodes]
+    assert expected != [r["A13"] for r in rows]
+    assert variants.main(["--seeds", "13", "--second-init", str(other), "--json", str(tmp_path / "x.json"), "--",
+                          *flags]) == 0
+    xrows = json.loads((tmp_path / "x.json").read_text())["rows"]
+    assert {"X", "ensAX", "soupAX"} <= set(xrows[0]) and [r["A13"] for r in xrows] == [r["A13"] for r in rows]
+    assert [r["X"] for r in xrows] == pytest.approx(expected, abs=1e-6)
 
     # a method handed other episodes is refused
     changed = replace(report.evalset, episodes=report.evalset.episodes[:-1])
