@@ -198,6 +198,26 @@ def test_soup_is_the_mean_of_its_members_weights(tiny_dir, table, classifier):
     assert averaged > 10  # the members differ (seeded batches), so the soup is not a copy of one
 
 
+def test_soup_with_early_stopping_averages_each_members_best_epoch(tiny_dir, table):
+    """Members may stop at different epochs; each keeps its own best one, the soup is their
+    mean, and the history's held-out accuracy is the soup's own."""
+    from metaloop.adapt import accuracy
+
+    data = domain_data(table, "shop", AdaptParams(holdout_fraction=0.25, early_stopping_min_rows=8))
+    one = AdaptParams(**{**FAST, "epochs": 8}, patience=1)
+    kw = {"val": data.val, "max_length": 32}
+    fitted = [fit(tiny_dir, data.train, data.labels, one, seed=s, **kw) for s in (13, 14)]
+    assert all(h.stopped_early for _, _, h in fitted)
+    assert fitted[0][2].best_epoch != fitted[1][2].best_epoch  # the case this test is about
+    soup, tok, hist = fit(tiny_dir, data.train, data.labels, one.model_copy(update={"soup": 2}), seed=13, **kw)
+    for k, v in soup.state_dict().items():
+        if v.is_floating_point():
+            mean = sum(m.state_dict()[k] for m, _, _ in fitted) / 2
+            torch.testing.assert_close(v, mean, atol=1e-6, rtol=1e-5)
+    assert hist.soup == 2 and hist.best_epoch == fitted[0][2].best_epoch
+    assert hist.soup_val_accuracy == accuracy(soup, tok, data.val, data.labels, 32)[0]
+
+
 def test_early_stopping_uses_val_rows_or_a_holdout(table):
     t = table.copy()
     data = domain_data(t, "shop", AdaptParams(holdout_fraction=0.25, early_stopping_min_rows=8))
