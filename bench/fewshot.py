@@ -86,7 +86,7 @@ from metaloop.config import (
 )
 from metaloop.episode_sets import eval_episodes, eval_hash, meta_train_recipe
 from metaloop.sources import packaged_domains
-from metaloop.meta.dist import keep_freed_memory
+from metaloop.memory import keep_freed_memory
 from metaloop.episodes import (
     Episode,
     FromDomains,

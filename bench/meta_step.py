@@ -26,7 +26,7 @@ rows
                 all-reduce and Adam included.
 
 Every row's process, `higher`'s too, keeps freed memory as metaloop's training processes do
-(metaloop.meta.dist.keep_freed_memory: glibc malloc reuses it instead of page-faulting it in
+(metaloop.memory.keep_freed_memory: glibc malloc reuses it instead of page-faulting it in
 again every step).
 
 GFLOP/s counts the FLOPs really executed (torch.utils.flop_counter, forward, backward and
@@ -183,7 +183,7 @@ class FlopCount(TorchDispatchMode):
 
 
 def worker(impl: str, config: str, repeat: int, grads_out: str | None) -> dict:
-    from metaloop.meta.dist import keep_freed_memory
+    from metaloop.memory import keep_freed_memory
 
     keep_freed_memory()  # for every implementation, as metaloop.train does
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
@@ -218,9 +218,10 @@ def scaling_worker(episodes: int, out: str, meta_batch: int = 2) -> None:
     across ranks as the trainer splits them (episode j of a step on rank j % world): 1 and 2 ranks
     take the same optimizer steps on the same episodes (a rank-seeded draw would give the 2-rank
     run other, longer or shorter, texts)."""
+    from metaloop.memory import keep_freed_memory
     from metaloop.meta import dist as D
 
-    D.keep_freed_memory()
+    keep_freed_memory()
     ctx = D.setup()
     torch.set_num_threads(1)
     learner, tok = learner_for("default")

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaloop.errors import ConfigError, DataError
+from metaloop.memory import freed_memory_kept
 from metaloop.stage_params import AdaptParams, Strict  # noqa: F401 (re-exported)
 from metaloop.atomic import commit_dir, fresh_tmp, write_json  # noqa: F401 (re-exported)
 
@@ -223,8 +224,9 @@ def torch_threads(n: int | None):
 @contextlib.contextmanager
 def seeded(seed: int, threads: int | None = None):
     """Run a block alone among seeded blocks of this process, torch's RNG seeded with `seed` and
-    `threads` intra-op threads; the caller's RNG state and thread count come back afterwards."""
-    with _TORCH_STATE, torch.random.fork_rng(devices=[]), torch_threads(threads):
+    `threads` intra-op threads; the caller's RNG state and thread count come back afterwards.
+    Training blocks all: freed memory is kept for reuse while it runs (`metaloop.memory`)."""
+    with _TORCH_STATE, torch.random.fork_rng(devices=[]), torch_threads(threads), freed_memory_kept():
         torch.manual_seed(seed)
         yield
 

@@ -53,6 +53,7 @@ from metaloop.backbone import load_backbone, resolve
 from metaloop.config import Params, load_params
 from metaloop.episodes import Episode, read_manifest
 from metaloop.errors import ConfigError, DataError, MetaloopError
+from metaloop.memory import keep_freed_memory
 from metaloop.meta import dist as D
 from metaloop.meta.algorithms import LearnerConfig, MetaLearner, build_learner
 from metaloop.meta.checkpoint import Checkpoints, export_model, rng_state, set_rng_state
@@ -215,7 +216,7 @@ def run(
     m = params.meta
     out = Path(output_dir or m.output_dir)
     torch.set_num_threads(m.threads_per_rank)
-    D.keep_freed_memory()
+    keep_freed_memory()
     curated, meta_train, meta_val, train_eps, val_eps, texts = _inputs(params, curated, meta_train, meta_val)
     fp = fingerprint(params, [curated, meta_train, meta_val])
 

@@ -39,31 +39,6 @@ class DistContext:
         return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
-# glibc malloc hands blocks over 128 KB back to the kernel on free, so every step's activations
-# come back as fresh pages: page faults, and the kernel zeroing pages. On the 2-core reference
-# machine that made a second-order MAML step 26% slower (12.3 s against 16.6 s) and cost two
-# ranks ~5% of their compute against one (memory bandwidth they share). PyTorch's CPU tuning
-# guide swaps in jemalloc/tcmalloc for this; three mallopt settings do it with the glibc we have.
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_MALLOPT = {_M_MMAP_THRESHOLD: 32 << 20,   # blocks up to 32 MB (glibc's cap) come from the heap...
-            _M_TRIM_THRESHOLD: (1 << 31) - 1,  # ...which is not handed back on free...
-            _M_TOP_PAD: 256 << 20}         # ...and grows 256 MB at a time
-
-
-def keep_freed_memory() -> bool:
-    """Make this process's glibc malloc keep freed memory for reuse (see above). Called by every
-    training process; a no-op returning False where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return all(mallopt(ctypes.c_int(k), ctypes.c_int(v)) == 1 for k, v in _MALLOPT.items())
-
-
 def setup(timeout_s: float = 1800.0) -> DistContext:
     cuda = torch.cuda.is_available()
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
