@@ -4,13 +4,16 @@ glibc malloc hands blocks over 128 KB back to the kernel on free, so every step'
 come back as fresh pages: page faults, and the kernel zeroing pages. On the 2-core reference
 machine that made a second-order MAML step 26% slower (12.3 s against 16.6 s), cost two
 ranks ~5% of their compute against one (memory bandwidth they share), and made a domain's
-fine-tuning in the flow ~20% slower. PyTorch's CPU tuning guide swaps in jemalloc/tcmalloc
+fine-tuning in the flow 15% slower (64.7 s against 56.2 s). PyTorch's CPU tuning guide swaps in jemalloc/tcmalloc
 for this; three mallopt settings do it with the glibc we have.
 
 * `keep_freed_memory()`: for a whole process that only trains (torchrun ranks, benchmarks).
-* `freed_memory_kept()`: for one block inside a long-lived process (the flow's adaptation and
-  compression, `metaloop.adapt.seeded`): afterwards glibc's thresholds come back and
-  `malloc_trim` hands what the block kept to the kernel, so a worker does not sit on its peak.
+* `freed_memory_kept()`: for the training blocks of a process that does other work too (the
+  flow's adaptation and compression, `metaloop.adapt.seeded`): the settings apply from the
+  first block on, and when the outermost block ends `malloc_trim` hands the heap's free pages
+  to the kernel, so the process does not sit on its training peak. The settings stay: glibc
+  cannot be put back to its adaptive defaults (mallopt switches them off for good), and fixed
+  128 KB thresholds would page-fault every later evaluation's buffers in afresh.
 
 Both are no-ops where the C library is not glibc.
 """
@@ -28,10 +31,9 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _KEEP = {_M_MMAP_THRESHOLD: 32 << 20,      # blocks up to 32 MB (glibc's cap) come from the heap...
          _M_TRIM_THRESHOLD: (1 << 31) - 1,  # ...which is not handed back on free...
          _M_TOP_PAD: 256 << 20}             # ...and grows 256 MB at a time
-_GLIBC_DEFAULTS = {_M_MMAP_THRESHOLD: 128 << 10, _M_TRIM_THRESHOLD: 128 << 10, _M_TOP_PAD: 128 << 10}
 
 _lock = threading.Lock()
-_process_wide = False  # keep_freed_memory() was called: blocks leave the settings alone
+_process_wide = False  # keep_freed_memory() was called: blocks do not trim
 _depth = 0  # freed_memory_kept() blocks open (nested or in several threads)
 
 
@@ -61,9 +63,8 @@ def keep_freed_memory() -> bool:
 
 @contextlib.contextmanager
 def freed_memory_kept() -> Iterator[bool]:
-    """Keep freed memory for reuse while the block runs (yields whether it could); the last
-    block to close restores glibc's thresholds and trims the heap, unless the whole process
-    keeps freed memory."""
+    """Keep freed memory for reuse from this block on (yields whether it could); when the
+    outermost block ends, trim the heap unless the whole process keeps freed memory."""
     global _depth
     libc = _libc()
     if libc is None:
@@ -78,5 +79,4 @@ def freed_memory_kept() -> Iterator[bool]:
         with _lock:
             _depth -= 1
             if _depth == 0 and not _process_wide:
-                _set(libc, _GLIBC_DEFAULTS)
                 libc.malloc_trim(ctypes.c_size_t(0))
