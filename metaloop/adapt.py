@@ -225,7 +225,8 @@ def torch_threads(n: int | None):
 def seeded(seed: int, threads: int | None = None):
     """Run a block alone among seeded blocks of this process, torch's RNG seeded with `seed` and
     `threads` intra-op threads; the caller's RNG state and thread count come back afterwards.
-    Training blocks all: freed memory is kept for reuse while it runs (`metaloop.memory`)."""
+    Every training block runs here, so here freed memory starts being kept for reuse and the
+    heap is trimmed when the outermost block ends (`metaloop.memory.freed_memory_kept`)."""
     with _TORCH_STATE, torch.random.fork_rng(devices=[]), torch_threads(threads), freed_memory_kept():
         torch.manual_seed(seed)
         yield

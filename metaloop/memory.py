@@ -4,8 +4,8 @@ glibc malloc hands blocks over 128 KB back to the kernel on free, so every step'
 come back as fresh pages: page faults, and the kernel zeroing pages. On the 2-core reference
 machine that made a second-order MAML step 26% slower (12.3 s against 16.6 s), cost two
 ranks ~5% of their compute against one (memory bandwidth they share), and made a domain's
-fine-tuning in the flow 15% slower (64.7 s against 56.2 s). PyTorch's CPU tuning guide swaps in jemalloc/tcmalloc
-for this; three mallopt settings do it with the glibc we have.
+fine-tuning in the flow 15% slower (64.7 s against 56.2 s). PyTorch's CPU tuning guide
+swaps in jemalloc/tcmalloc for this; three mallopt settings do it with the glibc we have.
 
 * `keep_freed_memory()`: for a whole process that only trains (torchrun ranks, benchmarks).
 * `freed_memory_kept()`: for the training blocks of a process that does other work too (the
