@@ -33,6 +33,7 @@ _KEEP = {_M_MMAP_THRESHOLD: 32 << 20,      # blocks up to 32 MB (glibc's cap) co
          _M_TOP_PAD: 256 << 20}             # ...and grows 256 MB at a time
 
 _lock = threading.Lock()
+_applied = False  # the settings are in force (they stay for the rest of the process)
 _process_wide = False  # keep_freed_memory() was called: blocks do not trim
 _depth = 0  # freed_memory_kept() blocks open (nested or in several threads)
 
@@ -46,8 +47,12 @@ def _libc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None  # glibc only
 
 
-def _set(libc, settings: dict[int, int]) -> bool:
-    return all(libc.mallopt(ctypes.c_int(k), ctypes.c_int(v)) == 1 for k, v in settings.items())
+def _apply(libc) -> bool:
+    """Put the settings in force once (call with `_lock` held)."""
+    global _applied
+    if not _applied:
+        _applied = all(libc.mallopt(ctypes.c_int(k), ctypes.c_int(v)) == 1 for k, v in _KEEP.items())
+    return _applied
 
 
 def keep_freed_memory() -> bool:
@@ -58,7 +63,7 @@ def keep_freed_memory() -> bool:
         return False
     with _lock:
         _process_wide = True
-        return _set(libc, _KEEP)
+        return _apply(libc)
 
 
 @contextlib.contextmanager
@@ -72,7 +77,7 @@ def freed_memory_kept() -> Iterator[bool]:
         return
     with _lock:
         _depth += 1
-        ok = _process_wide or _set(libc, _KEEP)
+        ok = _apply(libc)
     try:
         yield ok
     finally:
