@@ -17,6 +17,9 @@ that encoder with the first seed (session 10: do two inits make different errors
     ensAX       mean softmax of A<first seed> and X
     soupAX      one model holding the mean of their weights
 
+With --logits PATH, the first seed's query logits (column A) are written per episode to an npz
+file, for bench/cross_encoder.py --fuse.
+
 The episodes, encoder and fine-tuning settings are bench/fewshot.py's, from the same flags
 (give them after the probe's own). Dev (the meta-val domain's val split) unless --targets.
 
@@ -38,6 +41,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,7 +60,7 @@ from metaloop.adapt import (
 from metaloop.fewshot import mean_ci95
 
 
-def score_episode(ep, pool, init, ap, cent, max_length, pooling, seeds, threads, second=None) -> dict:
+def score_episode(ep, pool, init, ap, cent, max_length, pooling, seeds, threads, second=None, logits=None) -> dict:
     labels = list(ep.labels)
     support = Examples(pool.texts(ep.support_ids), [labels[y] for y in ep.support_y])
     queries, y = pool.texts(ep.query_ids), torch.tensor(ep.query_y)
@@ -76,6 +80,8 @@ def score_episode(ep, pool, init, ap, cent, max_length, pooling, seeds, threads,
             prototype_init(model, tok, support, labels, max_length)
             b = predict_logits(model, tok, queries, max_length)
         row[f"A{seed}"], row[f"B{seed}"], row[f"AB{seed}"] = acc(a), acc(b), acc(a + b)
+        if logits is not None and n == 1:
+            logits[ep.id] = a.float().numpy()
         probs.append(a.softmax(-1))
         row[f"ensA{n}"] = acc(sum(probs))
         if n > 1:  # the same average adapt.soup keeps
@@ -113,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="13,14,15", help="fine-tuning seeds; the first is the baseline")
     ap.add_argument("--targets", action="store_true", help="score the target domains' test episodes (not dev)")
     ap.add_argument("--json", type=Path, help="write the per-episode rows")
+    ap.add_argument("--logits", type=Path, help="write the first seed's query logits per episode (npz)")
     ap.add_argument("--second-init", help="also fine-tune from this encoder: `pretrained` (the backbone) or a folder")
     args = ap.parse_args(own)
     cfg, _ = parse_args([*rest, *([] if args.targets else ["--dev"])])
@@ -133,14 +140,17 @@ def main(argv: list[str] | None = None) -> int:
         second = resolve(params.backbone.name_or_path) if args.second_init == "pretrained" else args.second_init
     print(f"{len(ev.episodes)} episodes ({ev.split} split of {', '.join(ev.domains)}), eval hash {ev.hash[:12]}",
           flush=True)
-    rows = []
+    rows, logits = [], {}
     for ep in ev.episodes:
         rows.append(score_episode(ep, pool, init, production.params, production.centroids,
-                                  params.backbone.max_length, params.backbone.pooling, seeds, cfg.threads, second))
+                                  params.backbone.max_length, params.backbone.pooling, seeds, cfg.threads, second,
+                                  logits))
         print(f"{ep.id}: A{seeds[0]} {100 * rows[-1][f'A{seeds[0]}']:.2f} ({rows[-1]['seconds']}s)", flush=True)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"eval_hash": ev.hash, "seeds": seeds, "rows": rows}, indent=1) + "\n")
+    if args.logits:
+        np.savez(args.logits, **logits)
     print(summary(rows, f"A{seeds[0]}"))
     return 0
 

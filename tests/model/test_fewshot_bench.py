@@ -24,6 +24,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -394,9 +395,13 @@ def test_harness_runs_every_kind_of_method_on_identical_episodes(tmp_path, tiny_
              "--targets", "dom4,dom5", "--meta-train", "dom0,dom1,dom2", "--meta-ways", "3",
              "--shots", "1,2", "--draws", "2", "--meta-set", "metric=cosine", "--meta-set", "label_shots=1",
              "--ft-epochs", "2", "--ft-impl", "adapt-fit", "--ft-classifier", "centroids"]
-    assert variants.main(["--seeds", "13,14", "--json", str(tmp_path / "variants.json"), "--", *flags]) == 0
+    assert variants.main(["--seeds", "13,14", "--json", str(tmp_path / "variants.json"), "--logits",
+                          str(tmp_path / "a13.npz"), "--", *flags]) == 0
     rows = json.loads((tmp_path / "variants.json").read_text())["rows"]
     assert [r["episode"] for r in rows] == [e.id for e in dev.episodes]
+    with np.load(tmp_path / "a13.npz") as logits:  # --logits: column A13's own logits
+        assert [float((logits[e.id].argmax(1) == np.array(e.query_y)).mean()) for e in dev.episodes] == \
+            pytest.approx([r["A13"] for r in rows], abs=1e-6)
     assert {"A13", "B13", "AB13", "A14", "ensA2", "soup2"} <= set(rows[0])
     vcfg, _ = bench.parse_args([*flags, "--dev", "--ft-soup", "2"])
     shipped = bench._finetune_method(vcfg, params, None, None, tmp_path / "work" / "meta" / "protonet" / "model")
@@ -493,3 +498,49 @@ def test_plot_merge_labels_files_and_refuses_different_episodes(tmp_path):
     assert [r["method"] for r in rows] == ["frozen-centroid", "protonet", "protonet (v1)", "x (v1)"]
     with pytest.raises(SystemExit, match="different episodes"):
         plot.merge([new, write("other.json", "h2", ["y"])])
+
+
+def test_cross_encoder_probe_trains_scores_by_class_means_and_fuses(tmp_path, tiny_dir):
+    """bench/cross_encoder.py: training lowers its loss; a class scores the mean of its supports' and
+    name's pair scores; a = 0 fusion is the fine-tuning alone, and fusing with itself changes nothing."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_cross", ROOT / "bench" / "cross_encoder.py")
+    cross = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cross)
+    data = tmp_path / "synthetic.jsonl"
+    _synthetic_jsonl(data)
+    flags = ["--data", str(data), "--work-dir", str(tmp_path / "work"), "--params", str(tmp_path / "none.yaml"),
+             "--backbone", str(tiny_dir), "--max-length", "32", "--threads", "1", "--meta-val", "dom3",
+             "--targets", "dom4,dom5", "--meta-train", "dom0,dom1,dom2", "--meta-ways", "3", "--shots", "1,2",
+             "--draws", "2"]
+    out = tmp_path / "cross"
+    assert cross.main(["train", "--out", str(out), "--init", str(tiny_dir), "--steps", "200", "--lr", "1e-3",
+                       "--name-p", "0.5", "--", *flags]) == 0
+    losses = json.loads((out / "cross.json").read_text())["losses"]
+    assert len(losses) == 200 and sum(losses[-20:]) < 0.5 * sum(losses[:20])
+
+    cfg, _ = _bench().parse_args([*flags, "--dev"])
+    params = _bench().bench_params(cfg)
+    pool, _ = _bench().curate_pool(params)
+    ev = _bench().build_eval_set(pool, params, dev=True)
+    scores = cross.score(params, pool, ev, out)
+    ep = ev.episodes[-1]  # 2 shots: a class's score is the mean of 3 pair scores
+    assert scores[ep.id].shape == (len(ep.query_ids), ep.ways)
+    matcher = cross.CrossMatcher(tiny_dir)
+    matcher.load_state_dict(cross.load_file(out / cross.WEIGHTS))
+    tok = cross.AutoTokenizer.from_pretrained(out)
+    query, c = pool.texts(ep.query_ids[:1])[0], 1
+    rows = [t for t, y in zip(pool.texts(ep.support_ids), ep.support_y) if y == c]
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        pair = matcher.eval()(cross._pairs(tok, [(query, s) for s in [*rows, cross.label_text(ep.labels[c])]], 32))
+    assert len(rows) == 2 and scores[ep.id][0, c] == pytest.approx(float(pair.float().mean()), abs=1e-4)
+
+    finetune = {e.id: np.random.default_rng(0).normal(size=scores[e.id].shape) for e in ev.episodes}
+    by_shots = cross.report(ev, scores, finetune)
+    for row in by_shots:
+        assert row["fused0.2"][0] != row["cross"] or row["finetune"] == row["cross"]
+    alone = cross.report(ev, finetune, finetune)
+    assert all(r["cross"] == r["finetune"] and r[f"fused{a}"][1:] == (0.0, 0.0) for r in alone for a in cross.FUSE)
+    right = [float((scores[e.id].argmax(1) == np.array(e.query_y)).mean()) for e in ev.episodes if e.ways * 1 ==
+             len(e.support_ids)]
+    assert by_shots[0]["cross"] == pytest.approx(100 * sum(right) / len(right))
