@@ -364,7 +364,16 @@ def centroid_accuracy(init: str | Path, train: Examples, test: Examples, labels:
     """Accuracy of the bare encoder with a nearest-centroid head over `train`: the embedding
     meta-training optimises, before any adaptation. `centroids` (`metaloop.meta.head.Centroids`,
     i.e. `params.meta.centroids()`) is the classifier meta-training used; default squared
-    Euclidean without class names, as the original ProtoNet."""
+    Euclidean without class names, as the original ProtoNet.
+
+    It runs alone among this process's torch blocks (`seeded`, `torch_threads`), as
+    evaluation does: in the flow's `threads` runner another domain may be timing its latency."""
+    with _TORCH_STATE:
+        return _centroid_accuracy(init, train, test, labels, max_length, pooling, centroids)
+
+
+def _centroid_accuracy(init, train: Examples, test: Examples, labels: list[str], max_length: int, pooling: str,
+                       centroids) -> float:
     from metaloop.backbone import load_backbone
     from metaloop.meta.head import Centroids, label_text
     from metaloop.meta.pooling import pool

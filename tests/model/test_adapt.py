@@ -157,6 +157,37 @@ def test_centroid_accuracy_uses_class_names_when_meta_training_did(tiny_dir, tab
     assert centroid_accuracy(tiny_dir, misleading, truth, names, 32, centroids=by_name) == 1.0
 
 
+def test_centroid_accuracy_waits_for_another_threads_training_block(tiny_dir, table):
+    """In the flow's `threads` runner one domain may time its latency (under the same lock)
+    while another computes its accuracy before adaptation: that must not run inside the
+    other's training or timing block."""
+    import threading
+
+    from metaloop.adapt import seeded
+
+    data = domain_data(table, "bank", AdaptParams())
+    rows = data.train.texts[:6]
+    own = Examples(rows, [f"c{i}" for i in range(len(rows))])
+    inside, release, done = threading.Event(), threading.Event(), []
+
+    def training_block():
+        with seeded(0, threads=1):
+            inside.set()
+            release.wait(30)
+
+    trainer = threading.Thread(target=training_block)
+    trainer.start()
+    assert inside.wait(30)
+    scorer = threading.Thread(target=lambda: done.append(centroid_accuracy(tiny_dir, own, own, own.labels, 32)))
+    scorer.start()
+    scorer.join(3.0)
+    held = scorer.is_alive()
+    release.set()
+    trainer.join(30)
+    scorer.join(60)
+    assert held and done == [1.0]
+
+
 def test_meta_sgd_step_sizes_from_the_init_are_used(tmp_path, tiny_dir, table):
     init = tmp_path / "init"
     shutil.copytree(tiny_dir, init)
