@@ -13,15 +13,15 @@ class scores the mean of its supports' pair scores, the name being one of them.
 Both means come from the one joint pass; w starts at zero, so the untrained matcher is the
 encoder's cosine read through that pass.
 
-    # 1. train (20 min on 2 threads), from the ProtoNet encoder bench/fewshot.py exported
-    .venv/bin/python bench/cross_encoder.py train --minutes 20 --out bench/results/s11/cross -- \\
-        --params /tmp/params-s3.yaml --threads 2 --work-dir bench/results/s4/ft-work
+    F="--params /tmp/params-s3.yaml --threads 2 --work-dir bench/results/s4/ft-work \\
+       --meta-set metric=cosine --meta-set label_shots=1 --meta-set scale=20"
+    # 1. train (20 min on 2 threads), from the ProtoNet encoder bench/fewshot.py exported under --work-dir
+    .venv/bin/python bench/cross_encoder.py train --minutes 20 --out bench/results/s11/cross -- $F
     # 2. the production fine-tuning's logits on the same episodes, then score and fuse
-    .venv/bin/python bench/finetune_variants.py --seeds 13 --logits bench/results/s11/ft-dev.npz -- <same flags> \\
-        --meta-set metric=cosine --meta-set label_shots=1 --meta-set scale=20 --ft-classifier centroids \\
-        --ft-impl adapt-fit
+    .venv/bin/python bench/finetune_variants.py --seeds 13 --logits bench/results/s11/ft-dev.npz -- $F \\
+        --ft-classifier centroids --ft-impl adapt-fit
     .venv/bin/python bench/cross_encoder.py score --out bench/results/s11/cross \\
-        --fuse bench/results/s11/ft-dev.npz -- <same flags>
+        --fuse bench/results/s11/ft-dev.npz -- $F
 
 Dev (the meta-val domain's val split) unless --targets. `score` prints the matcher's accuracy
 per shot count and, with --fuse, the paired difference of (1 - a) p_finetune + a p_cross from
