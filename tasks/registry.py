@@ -49,6 +49,7 @@ def model_name(prefix: str, domain: str) -> str:
 def log_classifier(c: MlflowClient, run_id: str, classifier_dir: Path, artifact_path: str = "model") -> str:
     """Log a classifier folder as a models-from-code pyfunc under the run; return its URI."""
     import mlflow.pyfunc
+    import pandas as pd
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
@@ -59,9 +60,20 @@ def log_classifier(c: MlflowClient, run_id: str, classifier_dir: Path, artifact_
         mlflow.pyfunc.save_model(
             path=str(local), python_model=str(PYFUNC_CODE), artifacts={"classifier": str(classifier_dir)},
             signature=signature, pip_requirements=["metaloop", "torch", "transformers", "safetensors", "pandas"],
+            input_example=pd.DataFrame({"text": [_example_text(classifier_dir)]}),
         )
         upload_artifacts(c, run_id, str(local), artifact_path)
     return f"runs:/{run_id}/{artifact_path}"
+
+
+def _example_text(classifier_dir: Path) -> str:
+    """The request the registry shows as the model's input example (and its REST serving
+    example): the first class's name as words, from the folder's own labels, so no row of
+    the domain's data ends up in the registry."""
+    from metaloop.meta.head import label_text
+
+    labels = json.loads((Path(classifier_dir) / "config.json").read_text()).get("id2label") or {"0": "example request"}
+    return label_text(labels[min(labels, key=int)])
 
 
 def register_version(c: MlflowClient, name: str, source: str, run_id: str, tags: Mapping[str, str],
