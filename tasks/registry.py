@@ -72,7 +72,8 @@ def _example_text(classifier_dir: Path) -> str:
     the domain's data ends up in the registry."""
     from metaloop.meta.head import label_text
 
-    labels = json.loads((Path(classifier_dir) / "config.json").read_text()).get("id2label") or {"0": "example request"}
+    config = Path(classifier_dir) / "config.json"
+    labels = (json.loads(config.read_text()).get("id2label") if config.is_file() else None) or {"0": "a request"}
     return label_text(labels[min(labels, key=int)])
 
 
