@@ -87,7 +87,7 @@ def _pairs(tok, pairs: list[tuple[str, str]], max_length: int) -> dict[str, torc
                return_tensors="pt")
 
 
-def train(cfg, params, pool, out: Path, init: Path, minutes: float, steps: int, name_p: float, queries: int,
+def train(params, pool, out: Path, init: Path, minutes: float, steps: int, name_p: float, queries: int,
           lr: float, seed: int) -> dict:
     """Meta-train the matcher on meta-train 1-shot episodes (all of a domain's labels); save it to `out`."""
     rng = random.Random(seed)
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         init = args.init or cfg.work_dir / "meta" / "protonet" / "model"
         if not (init / "config.json").is_file():
             raise SystemExit(f"no encoder at {init}: run bench/fewshot.py --methods protonet first, or give --init")
-        info = train(cfg, params, pool, args.out, init, args.minutes, args.steps, args.name_p, args.queries,
+        info = train(params, pool, args.out, init, args.minutes, args.steps, args.name_p, args.queries,
                      args.lr, cfg.seed)
         print(f"trained {info['steps']} steps in {info['seconds']} s -> {args.out}")
         return 0
