@@ -70,11 +70,11 @@ def _example_text(classifier_dir: Path) -> str:
     """The request the registry shows as the model's input example (and its REST serving
     example): the first class's name as words, from the folder's own labels, so no row of
     the domain's data ends up in the registry."""
+    from transformers import AutoConfig
+
     from metaloop.meta.head import label_text
 
-    config = Path(classifier_dir) / "config.json"
-    labels = (json.loads(config.read_text()).get("id2label") if config.is_file() else None) or {"0": "a request"}
-    return label_text(labels[min(labels, key=int)])
+    return label_text(AutoConfig.from_pretrained(classifier_dir).id2label[0])  # as metaloop.serving reads labels
 
 
 def register_version(c: MlflowClient, name: str, source: str, run_id: str, tags: Mapping[str, str],
