@@ -18,7 +18,10 @@ class MetaloopClassifier(PythonModel):
 
         self.classifier = load_classifier(context.artifacts["classifier"])
 
-    def predict(self, context, model_input, params=None):
+    # pd.DataFrame is what the logged signature (a `text` column) hands over after MLflow's
+    # schema enforcement. MLflow infers no signature from this hint (the explicit one stays)
+    # and no longer warns "add type hints"; strings and lists still work, as below.
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         if isinstance(model_input, pd.DataFrame):
             texts = model_input["text" if "text" in model_input else model_input.columns[0]].tolist()
         elif isinstance(model_input, str):

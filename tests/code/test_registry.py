@@ -131,12 +131,15 @@ def test_champion_loads_in_a_fresh_process_and_predicts(mlflow_sqlite, tmp_path)
         f"m = mlflow.pyfunc.load_model('models:/{NAME}@champion');"
         "out = m.predict(['can the shuttle pick us up at 6am', 'more towels please']);"
         "ex = m.input_example;"
-        "print(json.dumps([out.to_dict('records'), ex['text'].tolist(), m.predict(ex).to_dict('records')]))"
+        "one = m.predict('more towels please');"
+        "print(json.dumps([out.to_dict('records'), ex['text'].tolist(), m.predict(ex).to_dict('records'),"
+        " one.to_dict('records')]))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    preds, example, example_pred = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(preds) == 2
+    assert "Add type hints" not in proc.stderr  # MLflow's warning at the model code's class definition
+    preds, example, example_pred, one = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(preds) == 2 and len(one) == 1 and one[0]["label"] in {"checkout", "shuttle", "towels"}
     assert all(p["label"] in {"checkout", "shuttle", "towels"} and 0 < p["score"] <= 1 for p in preds)
     # the registry's input example (and REST serving example): the first label's name, which predicts
     assert example == ["checkout"] and example_pred[0]["label"] in {"checkout", "shuttle", "towels"}
