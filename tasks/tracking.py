@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -180,5 +181,10 @@ def log_dataset(c: MlflowClient, run_id: str, table_path: Path, name: str, md5: 
     from mlflow.entities import DatasetInput, InputTag
 
     source = f"{remote.rstrip('/')}/files/md5/{md5[:2]}/{md5[2:]}" if remote else str(table_path.resolve())
-    ds = mlflow.data.from_pandas(pd.read_parquet(table_path), source=source, name=name, digest=md5[:16])
+    with warnings.catch_warnings():
+        # MLflow generates a local-file source class for both the "" and the "file" scheme, so every
+        # local path "can be interpreted in multiple ways: LocalArtifactDatasetSource,
+        # LocalArtifactDatasetSource". Both read the file alike: the warning says nothing.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple")
+        ds = mlflow.data.from_pandas(pd.read_parquet(table_path), source=source, name=name, digest=md5[:16])
     c.log_inputs(run_id, [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
