@@ -1,12 +1,14 @@
-"""The main job: curate -> episodes -> meta-train -> per-domain adapt/compress/evaluate
+"""The main job: curate -> episodes -> plan -> meta-train -> per-domain adapt/compress/evaluate
 -> register -> promote, with a report. This module only chains tasks.
 
-    metaloop run [--force]          # or: python -m flows.retrain
-    metaloop serve                  # the same flow on params' cron schedule
+    metaloop run [--force] [--domain D]   # or: python -m flows.retrain
+    metaloop serve                        # the same flow on params' cron schedule
 
-Skips everything ("nothing changed") when the data hash, params hash and code version
-equal those recorded on the current champions, unless forced. One domain's failure does
-not stop the others; the flow then ends Failed, naming the domain.
+Retrains only what is stale (tasks/plan.py): each model's fingerprint (its own rows,
+episodes, params, code, and for a domain the init version) against the one on its
+champion. An unchanged init is fetched from the registry; unchanged domains are reported
+as skipped. One domain's failure does not stop the others; the flow then ends Failed,
+naming the domain.
 """
 
 from __future__ import annotations
@@ -19,65 +21,82 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed
 
 from metaloop.config import Params, load_params
+from metaloop.fingerprint import domain_fingerprint
 from tasks import tracking
 from tasks.data import push_task, repro_task
 from tasks.domain import DomainOutcome, domain_task
 from tasks.meta_train import meta_train_task
+from tasks.plan import Plan, code_version
 from tasks.publish import (
-    fingerprint_task,
+    fetch_init_task,
+    lineage,
     open_runs_task,
+    plan_task,
     publish_report_task,
     register_and_promote_task,
     register_meta_task,
-    unchanged_task,
 )
 
 
 @dataclass
 class RetrainSummary:
     status: str  # "trained", "nothing changed" or "failed: <domains>"
-    fingerprint: dict[str, str]
+    lineage: dict[str, str]
     parent_run_id: str | None = None
     meta: dict = field(default_factory=dict)
     domains: list[DomainOutcome] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # registered, no longer in domains.target
 
     def failed_domains(self) -> list[str]:
         return [d.domain for d in self.domains if d.error]
 
 
 @flow(name="metaloop-retrain", log_prints=True)
-def retrain(params_path: str = "params.yaml", force: bool = False) -> RetrainSummary:
+def retrain(params_path: str = "params.yaml", force: bool = False, domains: list[str] | None = None) -> RetrainSummary:
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.DEFAULT_URI)
     logger = get_run_logger()
     params: Params = load_params(params_path)
     data = repro_task(params)
-    fp = fingerprint_task(params, data)
-    if not force and unchanged_task(params, fp):
-        logger.info("nothing changed since the current champions (data, params, code); use --force to retrain")
-        return RetrainSummary(status="nothing changed", fingerprint=fp)
+    fp = lineage(params, data)
+    plan: Plan = plan_task(params, data, force, domains)
+    if plan.nothing_to_do:
+        logger.info("nothing changed: every model is up to date with its data, params and code; --force retrains")
+        return RetrainSummary(status="nothing changed", lineage=fp, domains=_skipped(plan), removed=plan.removed)
     if tracking.dvc_remote_url():
         push_task()
     else:
         logger.warning("no default DVC remote: curated data is versioned in dvc.lock but not pushed")
 
     c = tracking.client()
-    runs = open_runs_task(params, data, fp, c)
+    runs = open_runs_task(params, data, fp, c, meta=plan.meta.retrain)
     try:
-        meta = meta_train_task(params, Path(params_path), c, runs["meta"])
-        meta_registered = register_meta_task(params, data, fp, c, runs, meta)
+        if plan.meta.retrain:
+            meta = meta_train_task(params, Path(params_path), c, runs["meta"])
+            registered = register_meta_task(params, data, fp, plan.meta.fingerprint, c, runs, meta)
+            init, init_version = meta.model_dir, registered["version"]
+            meta_summary = {**meta.summary, **registered, "action": "retrained", "why": plan.meta.why}
+        else:
+            init_version = plan.meta.version
+            init = fetch_init_task(params, c, init_version)
+            meta_summary = {"version": init_version, "action": "skipped", "why": plan.meta.why}
 
-        futures = [
-            domain_task.submit(domain, params, meta.model_dir, data, c, runs["parent"])
-            for domain in sorted(params.domains.target)
-        ]
-        outcomes = [domain_task_result(f, d) for f, d in zip(futures, sorted(params.domains.target))]
+        stale = plan.stale_domains()
+        futures = [domain_task.submit(d, params, init, data, c, runs["parent"]) for d in stale]
+        outcomes = [domain_task_result(f, d) for f, d in zip(futures, stale)]
+        code = code_version()
         # Registry writes run one at a time: they are cheap, and SQLite stores dislike concurrency.
-        outcomes = [register_and_promote_task(o, params, data, fp, c, runs, meta) for o in outcomes]
+        for o in outcomes:
+            o.why = next(m.why for m in plan.domains if m.name == o.domain)
+        outcomes = [register_and_promote_task(o, params, data, fp,
+                                              domain_fingerprint(params, data.manifest, o.domain, init_version, code),
+                                              c, runs) for o in outcomes]
+        done = {o.domain: o for o in outcomes}
+        outcomes = [done.get(s.domain, s) for s in _skipped(plan)]
 
         failed = [o.domain for o in outcomes if o.error]
         summary = RetrainSummary(
-            status=f"failed: {', '.join(failed)}" if failed else "trained",
-            fingerprint=fp, parent_run_id=runs["parent"], meta={**meta.summary, **meta_registered}, domains=outcomes,
+            status=f"failed: {', '.join(failed)}" if failed else "trained", lineage=fp,
+            parent_run_id=runs["parent"], meta=meta_summary, domains=outcomes, removed=plan.removed,
         )
         publish_report_task(summary, c)
     except BaseException:
@@ -89,8 +108,17 @@ def retrain(params_path: str = "params.yaml", force: bool = False) -> RetrainSum
     return summary
 
 
+def _skipped(plan: Plan) -> list[DomainOutcome]:
+    """Every target domain as a skipped outcome with its registered version (the flow
+    replaces the ones it retrains)."""
+    return [DomainOutcome(domain=m.name, action="skipped", why=m.why, version=m.version, champion=m.champion)
+            for m in plan.domains]
+
+
 def _close_runs(c, runs: dict) -> None:
     for key in ("meta", "parent"):
+        if key not in runs:
+            continue
         try:
             if c.get_run(runs[key]).info.status == "RUNNING":
                 c.set_terminated(runs[key], "FAILED")
@@ -107,10 +135,10 @@ def domain_task_result(future, domain: str) -> DomainOutcome:
     return DomainOutcome(domain=domain, error=f"{type(err).__name__}: {err}")
 
 
-def run(params_path: str = "params.yaml", force: bool = False) -> RetrainSummary:
+def run(params_path: str = "params.yaml", force: bool = False, domains: list[str] | None = None) -> RetrainSummary:
     """Run the flow with the task runner params ask for; return the summary even on failure."""
     params = load_params(params_path)
-    state = retrain.with_options(task_runner=task_runner(params))(params_path, force, return_state=True)
+    state = retrain.with_options(task_runner=task_runner(params))(params_path, force, domains, return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):
         raise result  # a failure before the domains ran (bad params or data, meta-training): no summary

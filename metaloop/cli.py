@@ -5,7 +5,7 @@
     metaloop episodes            curated rows -> data/episodes/*.jsonl manifests
     metaloop corpus              what the packaged corpus holds
     metaloop train [--fresh]     meta-train under torchrun (params.meta: nproc, nnodes, rendezvous)
-    metaloop run [--force]       the main job: the retrain flow (Prefect) end to end
+    metaloop run [--force] [--domain D]   the main job: the retrain flow (Prefect), stale models only
     metaloop serve               serve the retrain flow on params' cron (+ a source watcher)
     metaloop promote [-d D]      challenger -> champion where the promotion policy allows
     metaloop rollback D          champion back to the version it replaced
@@ -129,40 +129,33 @@ def corpus(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 @user_errors
 def run_flow(
     params: ParamsOpt = Path("params.yaml"),
-    force: Annotated[bool, typer.Option("--force", help="Retrain even if nothing changed.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Retrain every model, changed or not.")] = False,
+    domain: Annotated[list[str] | None, typer.Option("--domain", "-d", help="Retrain this target domain "
+                      "(repeatable) and no other; the init only if it is stale.")] = None,
 ) -> None:
-    """Run the retrain flow (curate -> episodes -> meta-train -> adapt/compress -> promote)."""
+    """Run the retrain flow (curate -> episodes -> meta-train -> adapt/compress -> promote) for
+    the models whose data, params or code changed."""
     import time
 
     from metaloop.config import load_params
-    from tasks.registry import list_models
-    from tasks.skip import nothing_changed
-    from tasks.tracking import client
+    from tasks.plan import nothing_changed
 
     start = time.perf_counter()
     resolved = load_params(params)
     # Answer "nothing changed" before starting Prefect's API (most of a no-op run's time);
     # anything else, or anything uncertain, is left to the flow, which checks again.
-    if not force and nothing_changed(resolved):
-        typer.echo(f"retrain: nothing changed (data, params and code equal the champions'; --force retrains) "
-                   f"in {time.perf_counter() - start:.1f} s")
-        _echo_models(list_models(client(), resolved.registry.prefix))
+    plan = None if force or domain else nothing_changed(resolved)
+    if plan is not None:
+        typer.echo(f"retrain: nothing changed (every model is up to date with its data, params and code; "
+                   f"--force retrains) in {time.perf_counter() - start:.1f} s")
+        _echo_plan(plan)
         return
 
     from flows.retrain import run
 
-    summary = run(str(params), force)
+    summary = run(str(params), force, domain or None)
     typer.echo(f"\nretrain: {summary.status} in {time.perf_counter() - start:.0f} s")
-    if summary.domains:
-        typer.echo(f"{'domain':24s} {'version':>7s} {'champion':>8s} {'accuracy':>8s} {'size MB':>8s}  decision")
-        for d in summary.domains:
-            if d.error:
-                typer.echo(f"{d.domain:24s} failed: {d.error}")
-                continue
-            typer.echo(f"{d.domain:24s} {d.version or '-':>7s} {d.champion or '-':>8s} {d.metrics.get('accuracy', float('nan')):8.1f} "
-                       f"{d.metrics.get('size_mb', float('nan')):8.1f}  {'promoted' if d.promoted else 'kept champion'}")
-    elif summary.status == "nothing changed":  # the flow's own check; still show what is serving
-        _echo_models(list_models(client(), resolved.registry.prefix))
+    _echo_summary(summary)
     typer.echo(
         "\nDashboards:\n"
         "  MLflow:  mlflow ui --backend-store-uri sqlite:///mlflow.db   (then http://127.0.0.1:5000)\n"
@@ -170,6 +163,34 @@ def run_flow(
     )
     if summary.status.startswith("failed"):
         raise typer.Exit(1)
+
+
+def _echo_plan(plan) -> None:
+    """The no-op's table: every model, skipped, with the version that keeps serving."""
+    typer.echo(f"{'model':24s} {'version':>7s} {'champion':>8s}  action")
+    for m in [plan.meta, *plan.domains]:
+        typer.echo(f"{m.name:24s} {m.version or '-':>7s} {m.champion or '-':>8s}  "
+                   f"{'retrain' if m.retrain else 'skipped'} ({m.why})")
+    for d in plan.removed:
+        typer.echo(f"{d:24s} {'-':>7s} {'-':>8s}  removed from domains.target: its models stay in the registry")
+
+
+def _echo_summary(summary) -> None:
+    from tasks.publish import decision_text
+
+    meta = summary.meta
+    typer.echo(f"{'model':24s} {'version':>7s} {'champion':>8s} {'accuracy':>8s} {'size MB':>8s}  action")
+    if meta:
+        typer.echo(f"{'meta':24s} {str(meta.get('version') or '-'):>7s} {'':>8s} {'':>8s} {'':>8s}  "
+                   f"{meta.get('action', 'retrained')} ({meta.get('why', '')})")
+    for d in summary.domains:
+        m = d.metrics
+        acc = f"{m['accuracy']:8.1f}" if "accuracy" in m else f"{'':>8s}"
+        size = f"{m['size_mb']:8.1f}" if "size_mb" in m else f"{'':>8s}"
+        typer.echo(f"{d.domain:24s} {d.version or '-':>7s} {d.champion or '-':>8s} {acc} {size}  {decision_text(d)}")
+    for d in summary.removed:
+        typer.echo(f"{d:24s} {'-':>7s} {'-':>8s} {'':>8s} {'':>8s}  removed from domains.target: "
+                   "no longer served by the flow (its models stay in the registry)")
 
 
 @app.command()

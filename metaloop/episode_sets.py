@@ -5,7 +5,8 @@
     <episodes.output_dir>/eval.jsonl         per target domain, per K in eval_shots, eval_draws draws:
                                              all the domain's labels, K support rows each from train,
                                              every test row as a query
-    <episodes.output_dir>/manifest.json      counts and content hashes (eval hash per domain)
+    <episodes.output_dir>/manifest.json      counts and content hashes (eval hash and rows hash
+                                             per domain: what metaloop.fingerprint reads)
 
 Challenger and champion are only compared when their domain's eval hash is equal.
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+
+import pandas as pd
 
 from metaloop.config import Params
 from metaloop.curate import CURATED, write_atomically
@@ -61,9 +64,20 @@ def eval_hash(episodes: list[Episode]) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+def rows_hash_by_domain(table: pd.DataFrame) -> dict[str, str]:
+    """Per domain, a hash of its rows (content ids) and their splits: equal exactly when the
+    domain's curated rows are, whatever happens to other domains' rows."""
+    out = {}
+    for domain, rows in table.groupby("domain", sort=True):
+        body = "\n".join(sorted(f"{i} {s}" for i, s in zip(rows["id"], rows["split"])))
+        out[str(domain)] = hashlib.sha256(body.encode()).hexdigest()[:16]
+    return out
+
+
 def build_episodes(params: Params, curated_dir: Path | None = None, out_dir: Path | None = None) -> dict:
     """Write all manifests atomically; return manifest.json's content."""
-    pool = Pool.from_parquet(Path(curated_dir or params.curation.output_dir) / CURATED)
+    table = pd.read_parquet(Path(curated_dir or params.curation.output_dir) / CURATED)
+    pool = Pool(table)
     ep = params.episodes
     train = [meta_train_recipe(params).sample(pool, params.seed, i) for i in range(ep.meta_train_episodes)]
     val = (
@@ -77,6 +91,7 @@ def build_episodes(params: Params, curated_dir: Path | None = None, out_dir: Pat
         "counts": {"meta_train": len(train), "meta_val": len(val), "eval": len(evals)},
         "eval_hash": eval_hash(evals),
         "eval_hash_by_domain": {d: eval_hash(eps) for d, eps in by_domain.items()},
+        "rows_hash_by_domain": rows_hash_by_domain(table),
     }
     hashes: dict[str, str] = {}
 

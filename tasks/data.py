@@ -26,6 +26,7 @@ class DataVersion:
     eval_hash: str
     eval_hash_by_domain: dict[str, str]
     stats: dict = field(repr=False)
+    manifest: dict = field(default_factory=dict, repr=False)  # manifest.json: per-domain hashes
     stages_run: list[str] = field(default_factory=list)
 
 
@@ -44,6 +45,7 @@ def repro(params: Params, root: Path = Path(".")) -> DataVersion:
         eval_hash=manifest["eval_hash"],
         eval_hash_by_domain=manifest["eval_hash_by_domain"],
         stats=json.loads((root / params.curation.output_dir / STATS).read_text()),
+        manifest=manifest,
         stages_run=ran,
     )
 

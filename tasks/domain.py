@@ -29,6 +29,8 @@ from tasks import registry, tracking
 @dataclass
 class DomainOutcome:
     domain: str
+    action: str = "retrained"  # or "skipped": nothing it is built from changed (`why` says so)
+    why: str = ""
     error: str | None = None
     run_id: str | None = None
     classifier_dir: str | None = None

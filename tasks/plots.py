@@ -28,8 +28,9 @@ def meta_curves(metrics_jsonl: Path):
 
 
 def domain_accuracy(outcomes) -> "plt.Figure":
-    """Accuracy before adaptation, after adaptation, and of the registered model, per domain."""
-    done = [o for o in outcomes if not o.error]
+    """Accuracy before adaptation, after adaptation, and of the registered model, per domain
+    retrained in this run."""
+    done = [o for o in outcomes if not o.error and o.action == "retrained"]
     fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(done) + 2), 3.5))
     width = 0.27
     for i, (key, label) in enumerate((("accuracy_before", "before adaptation"), ("accuracy_adapted", "adapted"),

@@ -1,4 +1,4 @@
-"""Tasks around the registry: fingerprint and skip check, MLflow runs, register + promote,
+"""Tasks around the registry: the plan (what is stale), MLflow runs, register + promote,
 and the report (Prefect artifacts + MLflow artifact)."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from metaloop.config import Params
 from metaloop.curate import CURATED, QUARANTINE, STATS
 from metaloop.episode_sets import MANIFEST
 from metaloop.promotion import Beats, NoNaN
-from tasks import registry, skip, tracking
+from metaloop.fingerprint import Fingerprint
+from tasks import plan, registry, tracking
 from tasks.data import DataVersion
 from tasks.domain import DomainOutcome
 from tasks.tracking import TAG
@@ -24,20 +25,26 @@ from tasks.tracking import TAG
 IO_RETRIES = dict(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
 
 
-@task(name="fingerprint")
-def fingerprint_task(params: Params, data: DataVersion) -> dict[str, str]:
-    return skip.fingerprint(params, data.data_hash)
+def lineage(params: Params, data: DataVersion) -> dict[str, str]:
+    """What the whole run was made from: the DVC data hash, all params, the code."""
+    return {"data_hash": data.data_hash, "params_hash": tracking.params_hash(params), "code_version": plan.code_version()}
 
 
-@task(name="unchanged-since-champions", **IO_RETRIES)
-def unchanged_task(params: Params, fp: dict[str, str]) -> bool:
-    """True when every model's champion (or the challenger that lost to it) has this fingerprint."""
-    return skip.unchanged(params, fp)
+@task(name="plan-what-is-stale", **IO_RETRIES)
+def plan_task(params: Params, data: DataVersion, force: bool = False, only: list[str] | None = None) -> plan.Plan:
+    """Which models to retrain and why (tasks/plan.py); logged one line a model."""
+    p = plan.make_plan(params, data.manifest, force=force, only=only)
+    logger = get_run_logger()
+    for line in p.lines():
+        logger.info(line)
+    return p
 
 
 @task(name="open-mlflow-runs", **IO_RETRIES)
-def open_runs_task(params: Params, data: DataVersion, fp: dict[str, str], c: MlflowClient) -> dict[str, str]:
-    """Parent run (all params, lineage) with children for curation and meta-training."""
+def open_runs_task(params: Params, data: DataVersion, fp: dict[str, str], c: MlflowClient,
+                   meta: bool = True) -> dict[str, str]:
+    """Parent run (all params, lineage) with children for curation and, when the init is
+    retrained, meta-training."""
     exp = tracking.experiment_id(c, params.registry.experiment)
     lineage = {TAG + k: v for k, v in fp.items()} | {
         TAG + "git_commit": tracking.git_commit(), TAG + "eval_hash": data.eval_hash,
@@ -60,14 +67,23 @@ def open_runs_task(params: Params, data: DataVersion, fp: dict[str, str], c: Mlf
     except Exception as err:  # lineage is best effort when not run inside a DVC repo
         get_run_logger().warning("could not log the dataset's DVC location: %s", err)
     c.set_terminated(curate)
-    meta = tracking.start_run(c, exp, "meta-train", parent=parent, tags=lineage)
-    return {"parent": parent, "curate": curate, "meta": meta, "experiment": exp}
+    runs = {"parent": parent, "curate": curate, "experiment": exp}
+    if meta:
+        runs["meta"] = tracking.start_run(c, exp, "meta-train", parent=parent, tags=lineage)
+    return runs
 
 
-def _version_tags(fp: dict[str, str], eval_hash: str, recipe: str, parent: str, metrics: dict,
-                  correct: str | None = None) -> dict[str, str]:
+@task(name="fetch-meta-init", **IO_RETRIES)
+def fetch_init_task(params: Params, c: MlflowClient, version: str) -> Path:
+    """The registered init the domains adapt from when it is not retrained in this run."""
+    name = registry.model_name(params.registry.prefix, plan.META)
+    return registry.download_init(c, name, version, Path(params.meta.output_dir) / "registered")
+
+
+def _version_tags(fp: dict[str, str], model_fp: Fingerprint, eval_hash: str, recipe: str, parent: str,
+                  metrics: dict, correct: str | None = None) -> dict[str, str]:
     return {
-        **{TAG + k: v for k, v in fp.items()},
+        **{TAG + k: v for k, v in fp.items()}, **model_fp.tags(),
         TAG + "git_commit": tracking.git_commit(), TAG + "eval_hash": eval_hash, TAG + "recipe": recipe,
         TAG + "parent_run_id": parent, TAG + "metrics": json.dumps(registry.rounded(metrics)),
         **({TAG + "correct": correct} if correct else {}),
@@ -75,7 +91,8 @@ def _version_tags(fp: dict[str, str], eval_hash: str, recipe: str, parent: str, 
 
 
 @task(name="register-meta", **IO_RETRIES)
-def register_meta_task(params: Params, data: DataVersion, fp: dict, c: MlflowClient, runs: dict, meta) -> dict:
+def register_meta_task(params: Params, data: DataVersion, fp: dict, model_fp: Fingerprint, c: MlflowClient,
+                       runs: dict, meta) -> dict:
     """The meta-learned init becomes `<prefix>-meta`; champion if its meta-val accuracy wins."""
     s = meta.summary
     metrics = {"accuracy": 100 * s["best_val_acc"]} if s.get("best_val_acc") is not None else {}
@@ -89,7 +106,8 @@ def register_meta_task(params: Params, data: DataVersion, fp: dict, c: MlflowCli
     name = registry.model_name(params.registry.prefix, "meta")
     version = registry.register_version(
         c, name, f"runs:/{runs['meta']}/meta_model", runs["meta"],
-        _version_tags(fp, manifest["files"]["meta_val.jsonl"], params.meta.algorithm, runs["parent"], metrics),
+        _version_tags(fp, model_fp, manifest["files"]["meta_val.jsonl"], params.meta.algorithm, runs["parent"],
+                      metrics),
         description="meta-learned encoder initialisation (AutoModel folder + metaloop_head.json)",
     )
     c.set_terminated(runs["meta"])
@@ -99,13 +117,13 @@ def register_meta_task(params: Params, data: DataVersion, fp: dict, c: MlflowCli
 
 @task(name="register-and-promote", **IO_RETRIES)
 def register_and_promote_task(outcome: DomainOutcome, params: Params, data: DataVersion, fp: dict,
-                              c: MlflowClient, runs: dict, meta) -> DomainOutcome:
-    if outcome.error:
+                              model_fp: Fingerprint, c: MlflowClient, runs: dict) -> DomainOutcome:
+    if outcome.error or outcome.action != "retrained":
         return outcome
     name = registry.model_name(params.registry.prefix, outcome.domain)
     source = registry.log_classifier(c, outcome.run_id, Path(outcome.classifier_dir))
     eval_hash = data.eval_hash_by_domain[outcome.domain]
-    tags = _version_tags(fp, eval_hash, outcome.recipe, runs["parent"], outcome.metrics, outcome.correct)
+    tags = _version_tags(fp, model_fp, eval_hash, outcome.recipe, runs["parent"], outcome.metrics, outcome.correct)
     outcome.version = registry.register_version(
         c, name, source, outcome.run_id, tags,
         description=f"few-shot intent classifier for {outcome.domain}",
@@ -120,23 +138,36 @@ def register_and_promote_task(outcome: DomainOutcome, params: Params, data: Data
     return outcome
 
 
+def decision_text(o: DomainOutcome) -> str:
+    """One domain's line in the report and the CLI table: retrained (and the promotion
+    decision), skipped and why, or failed and where."""
+    if o.error:
+        return f"failed: {o.error}"
+    if o.action != "retrained":
+        return f"{o.action} ({o.why})"
+    return f"retrained ({o.why}); {'promoted' if o.promoted else 'kept champion'}: {'; '.join(o.reasons)}"
+
+
 def report_markdown(summary) -> str:
     lines = [
         f"# metaloop retrain: {summary.status}", "",
-        f"data `{summary.fingerprint['data_hash']}` · params `{summary.fingerprint['params_hash']}` · "
-        f"code `{summary.fingerprint['code_version']}` · MLflow run `{summary.parent_run_id}`", "",
+        f"data `{summary.lineage['data_hash']}` · params `{summary.lineage['params_hash']}` · "
+        f"code `{summary.lineage['code_version']}` · MLflow run `{summary.parent_run_id}`", "",
+        f"meta-learned init: {summary.meta.get('action', 'retrained')} ({summary.meta.get('why', '')}), "
+        f"version {summary.meta.get('version')}", "",
         "| domain | acc. before adapt | after adapt | after compress | size MB | p50 ms | version | champion | decision |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for o in summary.domains:
-        if o.error:
-            lines.append(f"| {o.domain} | | | | | | | | **failed**: {o.error} |")
-            continue
         m = o.metrics
         f = lambda k: f"{m[k]:.1f}" if k in m else ""  # noqa: E731
+        text = decision_text(o)
         lines.append(f"| {o.domain} | {f('accuracy_before')} | {f('accuracy_adapted')} | {f('accuracy')} | "
-                     f"{f('size_mb')} | {f('p50_ms_batch1')} | {o.version} | {o.champion} | "
-                     f"{'promoted' if o.promoted else 'kept champion'}: {'; '.join(o.reasons)} |")
+                     f"{f('size_mb')} | {f('p50_ms_batch1')} | {o.version or ''} | {o.champion or ''} | "
+                     f"{'**' + text + '**' if o.error else text} |")
+    for d in summary.removed:
+        lines.append(f"| {d} | | | | | | | | removed from domains.target: no longer served by the flow "
+                     "(its models stay in the registry) |")
     return "\n".join(lines) + "\n"
 
 
@@ -144,12 +175,14 @@ def report_markdown(summary) -> str:
 def publish_report_task(summary, c: MlflowClient) -> str:
     md = report_markdown(summary)
     create_markdown_artifact(md, key="retrain-report", description="per-domain accuracy, size, latency, promotion")
-    rows = [{"domain": o.domain, "version": o.version, "champion": o.champion, "promoted": o.promoted,
-             "error": o.error, **{k: round(v, 3) for k, v in o.metrics.items()}} for o in summary.domains]
+    rows = [{"domain": o.domain, "action": "failed" if o.error else o.action, "why": o.why, "version": o.version,
+             "champion": o.champion, "promoted": o.promoted, "error": o.error,
+             **{k: round(v, 3) for k, v in o.metrics.items()}} for o in summary.domains]
+    rows += [{"domain": d, "action": "removed", "why": "no longer in domains.target"} for d in summary.removed]
     create_table_artifact(rows, key="retrain-domains", description="one row per target domain")
     if summary.parent_run_id:
         c.log_text(summary.parent_run_id, md, "report.md")
-        if any(not o.error for o in summary.domains):
+        if any(not o.error and o.action == "retrained" for o in summary.domains):
             from tasks.plots import domain_accuracy
 
             c.log_figure(summary.parent_run_id, domain_accuracy(summary.domains), "plots/domain_accuracy.png")

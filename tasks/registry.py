@@ -136,6 +136,29 @@ def download_classifier(c: MlflowClient, name: str, version: str, dst: Path) -> 
     return folders[0]
 
 
+def download_init(c: MlflowClient, name: str, version: str, cache: Path) -> Path:
+    """The meta-learned init of `name` v`version` as a local AutoModel folder, downloaded once
+    into `cache`/v<version>-<run id> (atomically: a half-finished download is never used)."""
+    import shutil
+
+    import mlflow.artifacts
+
+    mv = c.get_model_version(name, version)
+    dst = cache / f"v{version}-{mv.run_id[:12]}"
+    if (dst / "config.json").is_file():
+        return dst
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp,
+                                                          tracking_uri=c.tracking_uri))
+        if not (local / "config.json").is_file():
+            raise MetaloopError(f"{name} v{version}: {mv.source} holds no model folder (config.json); "
+                                "retrain the init with `metaloop run --force`")
+        shutil.rmtree(dst, ignore_errors=True)
+        local.rename(dst)
+    return dst
+
+
 def rounded(metrics: Mapping[str, float]) -> dict[str, float]:
     """Metrics as the `metrics` tags hold them (a version's own and a re-scoring's alike)."""
     return {k: round(v, 4) for k, v in metrics.items()}
