@@ -81,7 +81,7 @@ def retrain(params_path: str = "params.yaml", force: bool = False, domains: list
             meta_summary = {"version": init_version, "action": "skipped", "why": plan.meta.why}
 
         stale = plan.stale_domains()
-        futures = [domain_task.submit(d, params, init, data, c, runs["parent"]) for d in stale]
+        futures = [domain_task.submit(d, params, init, data, runs["parent"]) for d in stale]
         outcomes = [domain_task_result(f, d) for f, d in zip(futures, stale)]
         code = code_version()
         # Registry writes run one at a time: they are cheap, and SQLite stores dislike concurrency.
@@ -138,6 +138,8 @@ def domain_task_result(future, domain: str) -> DomainOutcome:
 def run(params_path: str = "params.yaml", force: bool = False, domains: list[str] | None = None) -> RetrainSummary:
     """Run the flow with the task runner params ask for; return the summary even on failure."""
     params = load_params(params_path)
+    # Set before the task runner starts: Dask worker processes inherit the environment.
+    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.DEFAULT_URI)
     state = retrain.with_options(task_runner=task_runner(params))(params_path, force, domains, return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):
@@ -154,12 +156,18 @@ def task_runner(params: Params):
     if kind == "processes":
         return ProcessPoolTaskRunner(max_workers=workers)
     if kind == "dask":
-        from prefect_dask import DaskTaskRunner  # pip install prefect-dask
+        from prefect_dask import DaskTaskRunner
 
-        return DaskTaskRunner(address=params.flow.address) if params.flow.address else DaskTaskRunner()
-    from prefect_ray import RayTaskRunner  # pip install prefect-ray
-
-    return RayTaskRunner(address=params.flow.address)
+        if params.flow.address:
+            return DaskTaskRunner(address=params.flow.address)
+        # One domain at a time per worker process (Dask threads), each with its share of the
+        # cores for torch (set before the worker imports torch): workers x threads <= cores.
+        threads = str(params.flow.worker_threads())
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
+            "n_workers": workers, "threads_per_worker": 1, "processes": True, "env": env,
+            "dashboard_address": None})
+    raise ValueError(f"flow.task_runner {kind!r}: use threads, processes or dask")
 
 
 if __name__ == "__main__":

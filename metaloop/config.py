@@ -269,11 +269,22 @@ class Promotion(Strict):
 class FlowSettings(Strict):
     """How the retrain flow runs and when."""
 
-    task_runner: Literal["threads", "processes", "dask", "ray"] = Field(
-        "threads", description="Fan-out over target domains; dask/ray need prefect-dask/prefect-ray."
+    def worker_threads(self) -> int:
+        if self.threads_per_worker != "auto":
+            return self.threads_per_worker
+        import os
+
+        return max(1, (os.cpu_count() or 1) // self.max_workers)
+
+    task_runner: Literal["threads", "processes", "dask"] = Field(
+        "threads", description="Fan-out over target domains: threads, processes, or a Dask cluster (prefect-dask)."
     )
-    max_workers: PositiveInt = 2
-    address: str | None = Field(None, description="Dask scheduler / Ray cluster address.")
+    max_workers: PositiveInt = Field(2, description="Domains adapted at once (threads, processes, Dask workers).")
+    threads_per_worker: PositiveInt | Literal["auto"] = Field(
+        "auto", description="torch threads in each Dask worker process; auto: the cores / max_workers, "
+        "so a local cluster never oversubscribes the cores.")
+    address: str | None = Field(None, description="Dask scheduler / Ray cluster address (default: a "
+                                "LocalCluster of max_workers processes).")
     cron: str = Field("0 2 * * *", description="When `metaloop serve` retrains.")
     timezone: str = "UTC"
     watch_every_minutes: PositiveInt = Field(15, description="`metaloop serve --watch`: how often to check the sources.")

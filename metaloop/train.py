@@ -410,11 +410,23 @@ def torchrun_command(params: Params, params_path: str | Path, *extra: str) -> li
     return [*cmd, "-m", "metaloop.train", "--params", str(params_path), *extra]
 
 
+def torchrun_env(params: Params, base: dict | None = None) -> dict:
+    """The environment for `torchrun_command`: `base` (default os.environ) plus one thread per
+    rank and, for a c10d rendezvous, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1. torch 2.13's shared
+    agent store cannot take a replaced node: in the next round the survivor keeps its cached
+    store address and never publishes it, so the new node's agent waits for it and both time
+    out. Unshared, rank 0 publishes a fresh store address every round (see `metaloop.meta.dist`)."""
+    env = {**(os.environ if base is None else base), "OMP_NUM_THREADS": str(params.meta.threads_per_rank)}
+    if params.meta.rdzv_endpoint:
+        env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    return env
+
+
 def launch(params_path: str | Path, *extra: str) -> int:
     """Run meta-training under torchrun as params.meta describes; returns its exit status."""
     params = load_params(params_path)
-    env = {**os.environ, "OMP_NUM_THREADS": str(params.meta.threads_per_rank)}
-    return subprocess.run(torchrun_command(params, params_path, *extra), env=env, check=False).returncode
+    cmd = torchrun_command(params, params_path, *extra)
+    return subprocess.run(cmd, env=torchrun_env(params), check=False).returncode
 
 
 def main(argv: list[str] | None = None) -> int:

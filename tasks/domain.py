@@ -8,6 +8,8 @@ a domain's failure is its own (the flow records it and carries on with the other
 from __future__ import annotations
 
 import json
+import os
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,10 +54,16 @@ def _split(table: pd.DataFrame, domain: str, split: str) -> Examples:
 
 
 @task(name="adapt-compress-evaluate", task_run_name="adapt-{domain}")
-def domain_task(domain: str, params: Params, init: Path, data, c: MlflowClient, parent: str) -> DomainOutcome:
+def domain_task(domain: str, params: Params, init: Path, data, parent: str) -> DomainOutcome:
+    """Its own MLflow client: under Dask or processes the task runs in another process."""
+    import torch
+
     logger = get_run_logger()
+    c = tracking.client()
     exp = tracking.experiment_id(c, params.registry.experiment)
-    run = tracking.start_run(c, exp, f"domain {domain}", parent=parent, tags={"metaloop.domain": domain})
+    worker = {"metaloop.domain": domain, "metaloop.worker": f"{socket.gethostname()}:{os.getpid()}",
+              "metaloop.torch_threads": str(torch.get_num_threads())}
+    run = tracking.start_run(c, exp, f"domain {domain}", parent=parent, tags=worker)
     try:
         return _adapt_compress_evaluate(domain, params, Path(init), data, c, run, logger)
     except Exception:

@@ -55,9 +55,14 @@ def setup(timeout_s: float = 1800.0) -> DistContext:
         # torchrun keeps one TCP store for all restart attempts (its agent store), and the
         # default group's keys carry no attempt number: a restarted group can read the dead
         # group's addresses and fail to connect. Namespacing the store by attempt avoids it.
+        # Only then: the restart count is each agent's own, so it disagrees across nodes once a
+        # node's launcher is replaced (pytorch#135712). With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+        # (what multi-node restarts need, see `metaloop.train.launch`) rank 0 hosts a fresh store
+        # every attempt and no prefix is wanted: one would make the nodes wait on different keys.
         store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"metaloop/attempt-{attempt}", store)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"metaloop/attempt-{attempt}", store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return DistContext(rank, world, local_rank, device, backend)
 
