@@ -166,3 +166,21 @@ def test_rebuilding_gives_the_same_eval_hash(built):
     params, manifest, tmp = built
     again = build_episodes(params, out_dir=tmp / "again")
     assert again["eval_hash"] == manifest["eval_hash"] and again["files"] == manifest["files"]
+
+
+def test_rows_hash_and_training_episodes_move_only_with_their_own_domains(built):
+    """One domain's changed rows change its rows hash (and eval hash) alone; the meta-train
+    and meta-val episode files, which the init's fingerprint reads, do not move."""
+    params, manifest, tmp = built
+    table = pd.read_parquet(tmp / "curated" / CURATED)
+    target = params.domains.target[0]
+    row = table[(table["domain"] == target) & (table["split"] == "train")].iloc[0]
+    extra = pd.DataFrame([{**row.to_dict(), "id": "extra-row-id", "text": row["text"] + " please"}])
+    (tmp / "curated2").mkdir()
+    pd.concat([table, extra]).to_parquet(tmp / "curated2" / CURATED)
+    again = build_episodes(params, curated_dir=tmp / "curated2", out_dir=tmp / "episodes2")
+    changed = {d for d, h in again["rows_hash_by_domain"].items() if manifest["rows_hash_by_domain"][d] != h}
+    assert changed == {target}
+    assert {d for d, h in again["eval_hash_by_domain"].items() if manifest["eval_hash_by_domain"][d] != h} <= {target}
+    assert again["files"][META_TRAIN] == manifest["files"][META_TRAIN]
+    assert again["files"][META_VAL] == manifest["files"][META_VAL]

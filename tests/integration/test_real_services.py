@@ -586,7 +586,7 @@ def test_rerun_left_data_in_s3_models_in_s3_and_runs_in_prefect(stack, project, 
     assert [r["state_type"] for r in runs] == ["FAILED", "COMPLETED"]
     done = {t["name"].rsplit("-", 1)[0] if not t["name"].startswith("adapt-") else t["name"]: t["state_type"]
             for t in task_runs(stack, runs[1]["id"])}
-    for step in ("curate-and-build-episodes", "fingerprint", "dvc-push", "open-mlflow-runs", "meta-train",
+    for step in ("curate-and-build-episodes", "plan-what-is-stale", "dvc-push", "open-mlflow-runs", "meta-train",
                  "register-meta", f"adapt-{TARGET}", "register-and-promote", "publish-report"):
         assert done.get(step) == "COMPLETED", (step, done)
     artifacts = stack.prefect("/artifacts/filter", {"artifacts": {"key": {"any_": ["retrain-report"]}}})
