@@ -14,9 +14,11 @@ shipped. Then, in one run of this script, each a real `metaloop run` process:
 2. noop: nothing changed;
 3. one_changed: one row added to one target domain;
 4. one_added: one more target domain (the last CLINC half, held back until now);
-5. meta_changed: one row added to a meta-train domain (the init and every domain retrain);
-6. adapt_one_s: one domain's adapt + compress + evaluate alone, in this process, through
-   the flow's own per-domain code (`tasks.domain._adapt_compress_evaluate`).
+5. adapt_one_s: one domain's adapt + compress + evaluate alone, in this process, through
+   the flow's own per-domain code (`tasks.domain._adapt_compress_evaluate`);
+6. meta_changed: one row added to a meta-train domain (the init and every domain retrain).
+
+The JSON is rewritten after every step, so a run cut short keeps what it measured.
 
 `retrained` lists the models that got a new registry version in each step. Goals (issue
 21): one_changed and one_added at most 1.5 x adapt_one_s + 30 s, each retraining exactly
@@ -184,6 +186,12 @@ def stage_seconds(project: Path) -> dict[str, float]:
             "domain_s_mean": round(sum(map(dur, doms)) / len(doms), 1) if doms else None}
 
 
+def save(path: Path | None, res: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, help="write the results here")
@@ -195,15 +203,19 @@ def main(argv: list[str] | None = None) -> int:
     base = args.keep or Path(tempfile.mkdtemp(prefix="many-domains-"))
     project, targets, held_back = make_project(base / "proj", args.epochs)
     print(f"project {project}: {len(targets)} target domains (+1 held back: {held_back}), epochs {args.epochs}")
-    res: dict = {"retrained": {}}
+    n = len(targets) + 1
+    res: dict = {"n_domains": n, "epochs": args.epochs, "retrained": {}}
     res["full_s"], _ = metaloop_run(project, "full")
-    full_stages = stage_seconds(project)
+    full_stages = res["full_run"] = stage_seconds(project)
+    save(args.json, res)
     res["noop_s"], noop = metaloop_run(project, "noop")
+    res["noop_retrained"] = noop
     changed = targets[-1]
     first = json.loads(next(ln for ln in (project / "data/raw/clinc.jsonl").read_text().splitlines()
                             if json.loads(ln)["domain"] == changed))
     append_row(project, "please " + first["text"] + " right now", first["label"], changed)
     res["one_changed_s"], res["retrained"]["one_changed"] = metaloop_run(project, "one_changed")
+    save(args.json, res)
 
     import yaml
 
@@ -211,16 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     p["domains"]["target"].append(held_back)
     (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     res["one_added_s"], res["retrained"]["one_added"] = metaloop_run(project, "one_added")
+    save(args.json, res)
+    res["adapt_one_s"] = round(adapt_one(project, changed), 1)
+    save(args.json, res)
     from metaloop.config import PackagedSource
     from metaloop.sources import read_source
 
     it_label = next(r.label for r in read_source(PackagedSource(kind="packaged", domains=["it_helpdesk"]), 0))
     append_row(project, "my laptop will not connect to the office vpn since this morning", it_label, "it_helpdesk")
     res["meta_changed_s"], res["retrained"]["meta_changed"] = metaloop_run(project, "meta_changed")
-    res["adapt_one_s"] = round(adapt_one(project, changed), 1)
-    n = len(targets) + 1
-    res = {"n_domains": n, **{k: round(v, 1) if isinstance(v, float) else v for k, v in res.items()},
-           "noop_retrained": noop, "full_run": full_stages, "epochs": args.epochs}
+    res = {k: round(v, 1) if isinstance(v, float) else v for k, v in res.items()}
     budget = 1.5 * res["adapt_one_s"] + 30
     goals = [
         ("one_changed_s <= 1.5 x adapt_one_s + 30", res["one_changed_s"] <= budget
@@ -241,9 +253,7 @@ def main(argv: list[str] | None = None) -> int:
           f"on average (MLflow run times)")
     for g, ok in goals:
         print(f"{'PASS' if ok else 'FAIL'}  {g}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
+    save(args.json, res)
     return 0 if all(ok for _, ok in goals) else 1
 
 
