@@ -46,20 +46,56 @@ def model_name(prefix: str, domain: str) -> str:
     return f"{prefix}-{domain}"
 
 
+# What each kind of classifier folder needs at serving time (the pyfunc's own imports aside).
+ONNX_RUNTIME = ("onnxruntime", "tokenizers", "numpy", "pandas")
+TORCH_RUNTIME = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas", "pydantic")
+
+
+def serving_requirements(classifier_dir: Path) -> list[str]:
+    """The folder's serving packages, pinned to this (the training) environment's versions:
+    torch unpinned would pull the CUDA build on most hosts; ONNX folders need no torch."""
+    from importlib.metadata import version
+
+    from metaloop.onnx_runtime import is_onnx_folder
+
+    return [f"{p}=={version(p)}" for p in (ONNX_RUNTIME if is_onnx_folder(classifier_dir) else TORCH_RUNTIME)]
+
+
+def _runtime_code(classifier_dir: Path, dst: Path) -> Path:
+    """The `metaloop` package as the model carries it (MLflow code_paths): for ONNX only the
+    torch-free serving modules; otherwise the library without its corpus data."""
+    import shutil
+
+    import metaloop
+    from metaloop.onnx_runtime import is_onnx_folder
+
+    src = Path(metaloop.__file__).parent
+    pkg = dst / "metaloop"
+    if is_onnx_folder(classifier_dir):
+        pkg.mkdir(parents=True)
+        for name in ("__init__.py", "serving.py", "onnx_runtime.py"):
+            shutil.copy(src / name, pkg / name)
+    else:
+        shutil.copytree(src, pkg, ignore=shutil.ignore_patterns("__pycache__", "corpus"))
+    return pkg
+
+
 def log_classifier(c: MlflowClient, run_id: str, classifier_dir: Path, artifact_path: str = "model") -> str:
-    """Log a classifier folder as a models-from-code pyfunc under the run; return its URI."""
+    """Log a classifier folder as a self-contained models-from-code pyfunc; return its URI."""
     import mlflow.pyfunc
     import pandas as pd
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     signature = ModelSignature(inputs=Schema([ColSpec("string")]),
-                               outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]))
+                               outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
+                               params=ParamSchema([ParamSpec("top_k", "long", 1)]))
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / artifact_path
         mlflow.pyfunc.save_model(
             path=str(local), python_model=str(PYFUNC_CODE), artifacts={"classifier": str(classifier_dir)},
-            signature=signature, pip_requirements=["metaloop", "torch", "transformers", "safetensors", "pandas"],
+            code_paths=[str(_runtime_code(classifier_dir, Path(tmp) / "code"))],
+            signature=signature, pip_requirements=serving_requirements(classifier_dir),
             input_example=pd.DataFrame({"text": [_example_text(classifier_dir)]}),
         )
         upload_artifacts(c, run_id, str(local), artifact_path)

@@ -1,0 +1,140 @@
+"""A registered champion serves outside this repository: in a fresh virtualenv that has only
+what the version's own requirements.txt lists, and over REST from `mlflow models serve`.
+
+Real MLflow (SQLite registry), real pip installs into a new venv (from the same package
+indexes `make setup` uses), a real HTTP server process on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from support import BIN, ROOT, free_port, tiny_classifier
+from metaloop.adapt import Examples
+from metaloop.compress import CompressParams, compress
+from metaloop.config import Promotion
+from tasks.registry import log_classifier, promote, register_version
+from tasks.tracking import TAG, client, experiment_id, start_run
+
+pytestmark = pytest.mark.slow
+NAME = "metaloop-hotel"
+LABELS = ["checkout", "shuttle", "towels"]
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A SQLite registry whose champion is an int8 (ONNX) classifier."""
+    tmp = tmp_path_factory.mktemp("serving-env")
+    old = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    os.chdir(tmp)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        fp32 = tiny_classifier(tmp / "fp32", LABELS)
+        compress(fp32, tmp / "int8", "int8", CompressParams(recipes={"int8": ["int8"]}),
+                 train=Examples(["shuttle at 6am", "more towels", "late checkout"], ["shuttle", "towels", "checkout"]),
+                 max_length=32)
+        c = client()
+        run = start_run(c, experiment_id(c, "serving"), "domain hotel")
+        source = log_classifier(c, run, tmp / "int8")
+        tags = {TAG + "eval_hash": "e", TAG + "metrics": json.dumps({"accuracy": 90.0})}
+        promote(c, NAME, register_version(c, NAME, source, run, tags), Promotion(alpha=None).policy())
+        yield tmp, uri
+    finally:
+        os.chdir(old[0])
+        if old[1] is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old[1]
+
+
+def test_requirements_are_pinned_and_torch_free_for_onnx(registry):
+    import mlflow.artifacts
+
+    tmp, uri = registry
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(tmp / "dl"),
+                                                      tracking_uri=uri))
+    reqs = [r for r in (local / "requirements.txt").read_text().splitlines() if r and not r.startswith("#")]
+    names = {r.split("==")[0] for r in reqs}
+    assert {"mlflow", "onnxruntime", "tokenizers", "numpy", "pandas"} <= names, reqs
+    assert not names & {"torch", "transformers", "metaloop"}, reqs
+    assert all("==" in r for r in reqs), reqs
+    assert (local / "code" / "metaloop" / "onnx_runtime.py").is_file()  # the runtime travels with it
+
+
+def test_champion_loads_and_predicts_in_a_fresh_venv(registry):
+    tmp, uri = registry
+    import mlflow.artifacts
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(tmp / "dl2"),
+                                                      tracking_uri=uri))
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    pip = [str(py), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True, capture_output=True, timeout=600)
+    proc = subprocess.run([*pip, "-r", str(local / "requirements.txt")], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    code = (
+        "import json, sys, mlflow.pyfunc;"
+        f"m = mlflow.pyfunc.load_model('models:/{NAME}@champion');"
+        "import metaloop;"
+        "out = m.predict(['can the shuttle pick us up at 6am', 'more towels please'], params={'top_k': 2});"
+        "one = m.predict('more towels please');"
+        "import importlib.util as u;"
+        "print(json.dumps([out.to_dict('records'), one.to_dict('records'), metaloop.__file__,"
+        " u.find_spec('torch') is not None]))"
+    )
+    # -I: no PYTHONPATH, no user site, no current folder on the path; cwd outside the repo
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "MLFLOW_TRACKING_URI": uri, "HOME": str(tmp),
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.run([str(py), "-I", "-c", code], capture_output=True, text=True, cwd=tmp, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    preds, one, runtime_file, has_torch = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not has_torch  # the int8 champion's environment has no torch at all
+    assert not runtime_file.startswith(str(ROOT))  # the model's own copy, not this checkout
+    assert all(p["label"] in LABELS and 0 < p["score"] <= 1 for p in preds + one)
+    assert all(len(p["top_labels"]) == 2 and p["top_labels"][0] == p["label"] for p in preds)
+    size_mb = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file()) / 1e6
+    print(f"\nserving venv for the int8 champion: {size_mb:.0f} MB")
+
+
+def test_mlflow_models_serve_answers_invocations(registry):
+    tmp, uri = registry
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()[-3000:]
+                time.sleep(0.5)
+        body = json.dumps({"dataframe_split": {"columns": ["text"], "data": [["more towels please"], ["6am shuttle"]]},
+                           "params": {"top_k": 3}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
+                                     {"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(req, timeout=30).read())
+        rows = answer["predictions"]
+        assert len(rows) == 2 and all(r["label"] in LABELS and 0 < r["score"] <= 1 for r in rows)
+        assert all(sorted(r["top_labels"]) == sorted(LABELS) for r in rows)
+        one = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                     json.dumps({"inputs": ["late checkout please"]}).encode(),
+                                     {"Content-Type": "application/json"})
+        assert json.loads(urllib.request.urlopen(one, timeout=30).read())["predictions"][0]["label"] in LABELS
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
