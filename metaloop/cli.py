@@ -10,6 +10,7 @@
     metaloop promote [-d D]      challenger -> champion where the promotion policy allows
     metaloop rollback D          champion back to the version it replaced
     metaloop models [--json]     registered domains with champion / challenger versions
+    metaloop predict D [FILE|-]  score CSV / JSONL / Parquet / stdin (or --text) with D's champion
 
 The registry commands reach MLflow through `tasks/` (the library itself never imports it);
 MLFLOW_TRACKING_URI picks the server (default: sqlite:///mlflow.db).
@@ -252,6 +253,63 @@ def models(params: ParamsOpt = Path("params.yaml"), as_json: Annotated[bool, typ
         typer.echo(to_json(rows))
         return
     _echo_models(rows)
+
+
+@app.command()
+@user_errors
+def predict(
+    domain: Annotated[str, typer.Argument(help="Target domain whose model scores the texts.")],
+    source: Annotated[str | None, typer.Argument(help="CSV, JSONL or Parquet file; - for stdin.")] = None,
+    text: Annotated[str | None, typer.Option("--text", help="Score this one text instead.")] = None,
+    column: Annotated[str, typer.Option(help="The column that holds the texts.")] = "text",
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Write here (format from the extension); "
+                                            "default: CSV on stdout.")] = None,
+    alias: Annotated[str, typer.Option(help="Registry alias to score with.")] = "champion",
+    version: Annotated[str | None, typer.Option(help="A version number instead of the alias.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Also list the k best labels.")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Score texts with a domain's registered model: its input plus label and score."""
+    import tempfile
+    import time
+
+    import pandas as pd
+
+    from metaloop.batch import read_inputs, score, write_outputs
+    from metaloop.config import load_params
+    from metaloop.errors import DataError
+    from metaloop.serving import load_classifier
+    from tasks.registry import download_classifier, model_name, resolve
+    from tasks.tracking import client
+
+    if (text is None) == (source is None):
+        raise DataError("metaloop predict: give a FILE (or - for stdin) or --text, not both and not neither")
+    prefix = load_params(params).registry.prefix if params.is_file() else "metaloop"
+    c = client()
+    found = resolve(c, prefix, domain, alias, version)
+    table = pd.DataFrame({column: [text]}) if text is not None else read_inputs(source, column)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        clf = load_classifier(download_classifier(c, model_name(prefix, domain), found, Path(tmp)))
+        loaded = time.perf_counter() - start
+        start = time.perf_counter()
+        if len(table) > 2000:
+            with typer.progressbar(length=len(table), label=f"scoring {len(table)} rows", file=sys.stderr) as bar:
+                scored = score(clf, table, column, top_k, batch_size, bar.update)
+        else:
+            scored = score(clf, table, column, top_k, batch_size)
+        seconds = time.perf_counter() - start
+    if text is not None and out is None:
+        row = scored.iloc[0]
+        typer.echo(f"{row['label']}\t{row['score']:.4f}")
+    else:
+        printed = write_outputs(scored, out)
+        if printed is not None:
+            typer.echo(printed, nl=False)
+    typer.secho(f"{model_name(prefix, domain)} v{found}: {len(table)} rows in {seconds:.2f} s "
+                f"({len(table) / max(seconds, 1e-9):.0f} rows/s; model loaded in {loaded:.2f} s)"
+                + (f"; wrote {out}" if out else ""), err=True)
 
 
 def _echo_models(rows) -> None:

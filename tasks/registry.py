@@ -195,6 +195,24 @@ def download_init(c: MlflowClient, name: str, version: str, cache: Path) -> Path
     return dst
 
 
+def resolve(c: MlflowClient, prefix: str, domain: str, alias: str = CHAMPION, version: str | None = None) -> str:
+    """The version `metaloop predict` scores with; an unknown domain or a missing alias is
+    one line naming the domains that have a champion."""
+    name = model_name(prefix, domain)
+    found = version if version else _alias(c, name, alias)
+    if found and version:
+        try:
+            c.get_model_version(name, version)
+        except MlflowException:
+            found = None
+    if found:
+        return str(found)
+    served = [r.domain for r in list_models(c, prefix) if r.champion]
+    what = f"version {version}" if version else f"no {alias!r} alias"
+    raise MetaloopError(f"{name}: {what} in the registry at {c.tracking_uri}; domains with a champion: "
+                        f"{', '.join(served) or 'none (run `metaloop run` first)'}")
+
+
 def rounded(metrics: Mapping[str, float]) -> dict[str, float]:
     """Metrics as the `metrics` tags hold them (a version's own and a re-scoring's alike)."""
     return {k: round(v, 4) for k, v in metrics.items()}

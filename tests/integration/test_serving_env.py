@@ -138,3 +138,53 @@ def test_mlflow_models_serve_answers_invocations(registry):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _predict(tmp: Path, uri: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "metaloop"), "predict", *args], cwd=tmp, input=stdin, capture_output=True,
+                          text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, timeout=300)
+
+
+def test_predict_cli_scores_files_stdin_and_one_text(registry):
+    import pandas as pd
+
+    tmp, uri = registry
+    (tmp / "in.csv").write_text("id,text\n1,more towels please\n2,\"shuttle, at 6am\"\n3,late checkout\n")
+    proc = _predict(tmp, uri, "hotel", "in.csv")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import io
+
+    got = pd.read_csv(io.StringIO(proc.stdout))
+    assert list(got.columns) == ["id", "text", "label", "score"] and got["id"].tolist() == [1, 2, 3]
+    assert set(got["label"]) <= set(LABELS) and "rows/s" in proc.stderr  # the throughput at the end
+
+    (tmp / "in.jsonl").write_text("".join(json.dumps({"body": t, "k": i}) + "\n" for i, t in enumerate(["a", "b"])))
+    proc = _predict(tmp, uri, "hotel", "in.jsonl", "--column", "body", "--out", "out.parquet", "--top-k", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = pd.read_parquet(tmp / "out.parquet")
+    assert table["k"].tolist() == [0, 1] and all(len(t) == 2 for t in table["top_labels"])
+
+    proc = _predict(tmp, uri, "hotel", "-", stdin="more towels please\n\nlate checkout\n")
+    assert proc.returncode == 0 and len(pd.read_csv(io.StringIO(proc.stdout))) == 2, proc.stderr[-2000:]
+    proc = _predict(tmp, uri, "hotel", "--text", "more towels please", "--version", "1")
+    label, prob = proc.stdout.strip().split("\t")
+    assert proc.returncode == 0 and label in LABELS and 0 < float(prob) <= 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nowhere", "--text", "hi"], "metaloop-nowhere: no 'champion' alias in the registry"),
+    (["hotel", "--text", "hi", "--version", "9"], "version 9"),
+    (["hotel", "missing.csv"], "missing.csv: file not found"),
+    (["hotel", "bad.csv"], "no column 'text' (columns: body)"),
+    (["hotel", "ragged.csv"], "ragged.csv:3: more fields than the header has"),
+    (["hotel"], "give a FILE"),
+])
+def test_predict_cli_errors_name_the_fix(registry, args, message):
+    tmp, uri = registry
+    (tmp / "bad.csv").write_text("body\nhello\n")
+    (tmp / "ragged.csv").write_text("text\nhello\nhi,there\n")
+    proc = _predict(tmp, uri, *args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    if args[0] == "nowhere":
+        assert "domains with a champion: hotel" in proc.stderr
+    assert "Traceback" not in proc.stderr
