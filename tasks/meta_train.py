@@ -22,7 +22,7 @@ from prefect.tasks import exponential_backoff
 
 from metaloop.config import Params
 from metaloop.errors import MetaloopError
-from metaloop.train import preflight, torchrun_command
+from metaloop.train import preflight, torchrun_command, torchrun_env
 from tasks.tracking import log_metrics
 
 
@@ -85,7 +85,7 @@ def meta_train_task(params: Params, params_path: Path, c: MlflowClient, run_id: 
     last = _logged_until(c, run_id)
     progress = create_progress_artifact(progress=0.0, key="meta-training", description="meta-training steps done (%)")
     # No tqdm bars: each redraw would become a Prefect log line.
-    env = {**os.environ, "OMP_NUM_THREADS": str(params.meta.threads_per_rank), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env = torchrun_env(params, {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
     cmd = torchrun_command(params, params_path)
     logger.info("launching: %s", " ".join(cmd))
     monitor = SystemMetricsMonitor(run_id, sampling_interval=5, samples_before_logging=1)
