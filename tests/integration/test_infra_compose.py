@@ -391,3 +391,17 @@ def test_prefect_kubernetes_work_pool_template_declares_every_placeholder():
     assert template["variables"]["properties"]["env_secret"]["default"] == secret["metadata"]["name"]
     assert {"MLFLOW_TRACKING_URI", "METALOOP_DVC_REMOTE_URL", "AWS_ENDPOINT_URL"} <= set(secret["stringData"])
     assert all(v == "change-me" for k, v in secret["stringData"].items() if "SECRET" in k or "ACCESS_KEY" in k)
+
+
+def test_serving_image_pins_what_an_int8_version_requires(tmp_path):
+    """infra/Dockerfile's serving target installs exactly the pins a registered ONNX version's
+    requirements.txt carries (tasks.registry.serving_requirements), so `--env-manager local`
+    in the image is the version's own environment."""
+    from tasks.registry import serving_requirements
+
+    (tmp_path / "metaloop.json").write_text('{"format": "onnx"}')
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    stage = dockerfile.split("FROM base AS serving", 1)[1].split("FROM ", 1)[0]
+    pinned = set(re.findall(r'"([A-Za-z0-9_.-]+==[^"$]+)"', stage))
+    assert pinned == set(serving_requirements(tmp_path)), (pinned, serving_requirements(tmp_path))
+    assert "torch" not in stage and "COPY metaloop" not in stage

@@ -188,3 +188,51 @@ def test_predict_cli_errors_name_the_fix(registry, args, message):
     if args[0] == "nowhere":
         assert "domains with a champion: hotel" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _serve(tmp: Path, uri: str, port: int) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "METALOOP_SERVE_DOMAIN": "hotel", "PORT": str(port)}
+    return subprocess.Popen(["sh", str(ROOT / "infra" / "serving" / "serve.sh"), "-h", "127.0.0.1"], cwd=tmp, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _labels_served(port: int, server: subprocess.Popen) -> set[str]:
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+            break
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, server.stdout.read()[-3000:]
+            time.sleep(0.5)
+    body = json.dumps({"inputs": ["more towels please"], "params": {"top_k": 10}}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"})
+    return set(json.loads(urllib.request.urlopen(req, timeout=30).read())["predictions"][0]["top_labels"])
+
+
+def test_the_serving_image_script_follows_the_alias_on_restart(registry):
+    """infra/serving/serve.sh (the compose `serving` service's entry point) resolves
+    @champion when it starts: after a promotion, a restart serves the new version."""
+    tmp, uri = registry
+    port = free_port()
+    server = _serve(tmp, uri, port)
+    try:
+        assert _labels_served(port, server) == set(LABELS)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    c = client()
+    new = ["alpha", "beta"]
+    folder = tiny_classifier(tmp / "fp32-v2", new, seed=1)
+    compress(folder, tmp / "int8-v2", "int8", CompressParams(recipes={"int8": ["int8"]}),
+             train=Examples(["a", "b"], new), max_length=32)
+    run = start_run(c, experiment_id(c, "serving"), "domain hotel v2")
+    v2 = register_version(c, NAME, log_classifier(c, run, tmp / "int8-v2"), run, {})
+    c.set_registered_model_alias(NAME, "champion", v2)
+    try:
+        server = _serve(tmp, uri, port)
+        assert _labels_served(port, server) == set(new)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        c.set_registered_model_alias(NAME, "champion", "1")  # later tests expect v1 served
