@@ -416,17 +416,36 @@ def torchrun_env(params: Params, base: dict | None = None) -> dict:
     agent store cannot take a replaced node: in the next round the survivor keeps its cached
     store address and never publishes it, so the new node's agent waits for it and both time
     out. Unshared, rank 0 publishes a fresh store address every round (see `metaloop.meta.dist`)."""
-    env = {**(os.environ if base is None else base), "OMP_NUM_THREADS": str(params.meta.threads_per_rank)}
+    env = {**(os.environ if base is None else base), "OMP_NUM_THREADS": str(params.meta.threads_per_rank),
+           ERROR_FILE_ENV: str(Path(params.meta.output_dir).resolve() / "launch-error.json")}
     if params.meta.rdzv_endpoint:
         env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     return env
 
 
 def launch(params_path: str | Path, *extra: str) -> int:
-    """Run meta-training under torchrun as params.meta describes; returns its exit status."""
+    """Run meta-training under torchrun as params.meta describes; returns its exit status.
+    A rank's MetaloopError ends the job at once and is raised here with its message."""
     params = load_params(params_path)
     cmd = torchrun_command(params, params_path, *extra)
-    return subprocess.run(cmd, env=torchrun_env(params), check=False).returncode
+    env = torchrun_env(params)
+    error_file = Path(env[ERROR_FILE_ENV])
+    error_file.unlink(missing_ok=True)
+    code = subprocess.run(cmd, env=env, check=False).returncode
+    raise_rank_error(error_file)
+    return code
+
+
+def raise_rank_error(error_file: Path) -> None:
+    """Re-raise the MetaloopError a rank recorded in `error_file` (see `_end_the_job`)."""
+    if not error_file.is_file():
+        return
+    from metaloop import errors
+
+    record = json.loads(error_file.read_text())
+    cls = getattr(errors, record.get("type", ""), None)
+    cls = cls if isinstance(cls, type) and issubclass(cls, MetaloopError) else MetaloopError
+    raise cls(f"meta-training rank {record.get('rank')}: {record['message']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -446,8 +465,24 @@ def main(argv: list[str] | None = None) -> int:
         result = run(params, resume=not args.fresh)
     except MetaloopError as err:
         print(f"error: {err}", file=sys.stderr)
+        _end_the_job(err, rank)
         return 2
     return 143 if result.interrupted else 0
+
+
+ERROR_FILE_ENV = "METALOOP_ERROR_FILE"  # where a rank records the MetaloopError that ended the job
+
+
+def _end_the_job(err: MetaloopError, rank: str) -> None:
+    """Bad params or data fail the same way on every attempt, so under torchrun the rank
+    records its message (for the launching task) and stops its agent: without that, torchrun
+    would restart the job `--max-restarts` times first."""
+    path = os.environ.get(ERROR_FILE_ENV)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"type": type(err).__name__, "message": str(err), "rank": rank}) + "\n")
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:  # our parent is torchrun's agent
+        os.kill(os.getppid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":

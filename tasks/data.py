@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.tasks import exponential_backoff
 
 from metaloop.config import Params
 from metaloop.curate import STATS
 from metaloop.episode_sets import MANIFEST
 from metaloop.errors import DataError
+from tasks.retry import IO_RETRIES
 from tasks.tracking import dvc, dvc_data_hash
 
 @dataclass
@@ -68,6 +68,6 @@ def repro_task(params: Params, root: Path = Path(".")) -> DataVersion:
     return version
 
 
-@task(name="dvc-push", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
+@task(name="dvc-push", **{**IO_RETRIES, "retries": 3})
 def push_task(root: Path = Path("."), remote: str | None = None) -> None:
     push(root, remote)

@@ -21,8 +21,8 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.tasks import exponential_backoff
 
 from metaloop.config import Params
-from metaloop.errors import MetaloopError
-from metaloop.train import preflight, torchrun_command, torchrun_env
+from metaloop.train import ERROR_FILE_ENV, preflight, raise_rank_error, torchrun_command, torchrun_env
+from tasks.retry import healable
 from tasks.tracking import log_metrics
 
 
@@ -37,14 +37,15 @@ class MetaTrainingFailed(RuntimeError):
 
 
 def _not_user_error(task, task_run, state) -> bool:
-    """Retry crashes, never bad input: the same params would fail the same way."""
+    """Retry a crashed torchrun (killed rank, OOM, preemption) and healable I/O; never bad input:
+    the same params would fail the same way."""
     try:
         state.result()
-    except MetaloopError:
-        return False
-    except Exception:
+    except MetaTrainingFailed:
         return True
-    return True
+    except BaseException as err:  # noqa: BLE001 - classify whatever the task raised
+        return healable(err)
+    return False
 
 
 def _logged_until(c: MlflowClient, run_id: str) -> int:
@@ -87,6 +88,8 @@ def meta_train_task(params: Params, params_path: Path, c: MlflowClient, run_id: 
     # No tqdm bars: each redraw would become a Prefect log line.
     env = torchrun_env(params, {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
     cmd = torchrun_command(params, params_path)
+    error_file = Path(env[ERROR_FILE_ENV])
+    error_file.unlink(missing_ok=True)  # a rank writes its MetaloopError here and stops the job
     logger.info("launching: %s", " ".join(cmd))
     monitor = SystemMetricsMonitor(run_id, sampling_interval=5, samples_before_logging=1)
     monitor.start()
@@ -105,6 +108,7 @@ def meta_train_task(params: Params, params_path: Path, c: MlflowClient, run_id: 
     finally:
         monitor.finish()
     _log_new_metrics(c, run_id, metrics_file, last)
+    raise_rank_error(error_file)  # bad params or data: its message, and no retry
     if code != 0:
         raise MetaTrainingFailed(f"torchrun exited {code}; a retry resumes from the last checkpoint\n" + "\n".join(tail[-5:]))
     update_progress_artifact(progress, 100.0)

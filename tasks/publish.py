@@ -10,7 +10,6 @@ from pathlib import Path
 from mlflow import MlflowClient
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.tasks import exponential_backoff
 
 from metaloop.config import Params
 from metaloop.curate import CURATED, QUARANTINE, STATS
@@ -20,9 +19,8 @@ from metaloop.fingerprint import Fingerprint
 from tasks import plan, registry, tracking
 from tasks.data import DataVersion
 from tasks.domain import DomainOutcome
+from tasks.retry import IO_RETRIES
 from tasks.tracking import TAG
-
-IO_RETRIES = dict(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
 
 
 def lineage(params: Params, data: DataVersion) -> dict[str, str]:

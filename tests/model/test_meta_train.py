@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -185,3 +186,27 @@ def test_preflight_names_missing_data_and_impossible_settings(project, tmp_path)
     assert main(["--params", str(path), "--launch"]) == 2
     with pytest.raises(ConfigError, match="reptile"):
         preflight(load_params(project("reptile", algorithm="reptile", adapt="lora")))
+
+
+def test_a_config_error_in_a_rank_ends_the_job_at_once(tmp_path, make_project, sub_env):
+    """A backbone that cannot load fails every attempt the same way: the rank records its
+    message and stops torchrun's agent, instead of three elastic restarts (issue 28)."""
+    from metaloop.errors import ConfigError
+    from metaloop.train import launch
+
+    path = make_project(tmp_path / "bad", tmp_path / "no-such-backbone", max_restarts=2)
+    proc = subprocess.run([sys.executable, "-m", "metaloop.train", "--params", str(path), "--launch"], env=sub_env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    # each attempt's two ranks print their error once: one attempt, not 1 + max_restarts
+    assert 1 <= out.count("error: backbone.name_or_path=") <= 2, out[-3000:]
+    assert "error: meta-training rank" in out  # and the launcher ends with the rank's message
+    assert "Restarting" not in out and "restart" not in out.lower().replace("max-restarts", ""), out[-3000:]
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(ConfigError, match="meta-training rank .*no-such-backbone"):
+            launch(path)  # the launching side raises the rank's own error, so it is not retried
+    finally:
+        os.chdir(old)
