@@ -32,10 +32,12 @@ from tasks.publish import (
     lineage,
     open_runs_task,
     plan_task,
+    promote_pending_task,
     publish_report_task,
     register_and_promote_task,
     register_meta_task,
 )
+from tasks.stages import StageFailed
 
 
 @dataclass
@@ -46,6 +48,7 @@ class RetrainSummary:
     meta: dict = field(default_factory=dict)
     domains: list[DomainOutcome] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)  # registered, no longer in domains.target
+    report_error: str | None = None
 
     def failed_domains(self) -> list[str]:
         return [d.domain for d in self.domains if d.error]
@@ -84,12 +87,16 @@ def retrain(params_path: str = "params.yaml", force: bool = False, domains: list
         futures = [domain_task.submit(d, params, init, data, runs["parent"]) for d in stale]
         outcomes = [domain_task_result(f, d) for f, d in zip(futures, stale)]
         code = code_version()
-        # Registry writes run one at a time: they are cheap, and SQLite stores dislike concurrency.
         for o in outcomes:
             o.why = next(m.why for m in plan.domains if m.name == o.domain)
-        outcomes = [register_and_promote_task(o, params, data, fp,
-                                              domain_fingerprint(params, data.manifest, o.domain, init_version, code),
-                                              c, runs) for o in outcomes]
+        # Registry writes run one at a time: they are cheap, and SQLite stores dislike concurrency.
+        # Each domain's registration and promotion is its own: a failure is recorded for it alone.
+        outcomes = [_isolated(register_and_promote_task, o, o, params, data, fp,
+                              domain_fingerprint(params, data.manifest, o.domain, init_version, code), c, runs)
+                    for o in outcomes]
+        pending = [m for m in plan.domains if m.promotion_pending and m.name not in stale]
+        outcomes += [_isolated(promote_pending_task, DomainOutcome(m.name, why=m.why, version=m.version),
+                               m.name, m.version, params, c) for m in pending]
         done = {o.domain: o for o in outcomes}
         outcomes = [done.get(s.domain, s) for s in _skipped(plan)]
 
@@ -98,14 +105,33 @@ def retrain(params_path: str = "params.yaml", force: bool = False, domains: list
             status=f"failed: {', '.join(failed)}" if failed else "trained", lineage=fp,
             parent_run_id=runs["parent"], meta=meta_summary, domains=outcomes, removed=plan.removed,
         )
-        publish_report_task(summary, c)
+        report = publish_report_task(summary, c, return_state=True)
+        if not report.is_completed():
+            err = report.result(raise_on_failure=False)
+            summary.report_error = f"report: {type(err).__name__}: {err}"
+            summary.status = f"failed: {', '.join([*failed, 'report'])}"
+            _close_runs(c, runs)  # the report task ends the parent run; it did not get there
     except BaseException:
         _close_runs(c, runs)  # MLflow shows FAILED runs, not runs RUNNING forever
         raise
-    if failed:
-        errors = "; ".join(f"{o.domain}: {o.error}" for o in outcomes if o.error)
-        return Failed(message=f"domain(s) {', '.join(failed)} failed ({errors}); the others were registered", data=summary)
+    if failed or summary.report_error:
+        errors = "; ".join([*(f"{o.domain}: {o.error}" for o in outcomes if o.error), *filter(None, [summary.report_error])])
+        who = f"domain(s) {', '.join(failed)} failed" if failed else "the report failed"
+        return Failed(message=f"{who} ({errors}); the others were registered", data=summary)
     return summary
+
+
+def _isolated(task, fallback: DomainOutcome, *args) -> DomainOutcome:
+    """Run one domain's registry task; its failure becomes that domain's error, not the flow's."""
+    state = task(*args, return_state=True)
+    if state.is_completed():
+        return state.result()
+    fallback.error = _error_text(state.result(raise_on_failure=False))
+    return fallback
+
+
+def _error_text(err: BaseException) -> str:
+    return str(err) if isinstance(err, StageFailed) else f"{type(err).__name__}: {err}"
 
 
 def _skipped(plan: Plan) -> list[DomainOutcome]:
@@ -131,8 +157,7 @@ def domain_task_result(future, domain: str) -> DomainOutcome:
     future.wait()
     if future.state.is_completed():
         return future.result()
-    err = future.state.result(raise_on_failure=False)
-    return DomainOutcome(domain=domain, error=f"{type(err).__name__}: {err}")
+    return DomainOutcome(domain=domain, error=_error_text(future.state.result(raise_on_failure=False)))
 
 
 def run(params_path: str = "params.yaml", force: bool = False, domains: list[str] | None = None) -> RetrainSummary:

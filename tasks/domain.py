@@ -26,6 +26,7 @@ from metaloop.episode_sets import EVAL
 from metaloop.episodes import Pool, read_manifest
 from metaloop.evaluate import evaluate
 from tasks import registry, tracking
+from tasks.stages import Stage, inject
 
 
 @dataclass
@@ -64,14 +65,19 @@ def domain_task(domain: str, params: Params, init: Path, data, parent: str) -> D
     worker = {"metaloop.domain": domain, "metaloop.worker": f"{socket.gethostname()}:{os.getpid()}",
               "metaloop.torch_threads": str(torch.get_num_threads())}
     run = tracking.start_run(c, exp, f"domain {domain}", parent=parent, tags=worker)
+    stage = Stage(domain)
     try:
-        return _adapt_compress_evaluate(domain, params, Path(init), data, c, run, logger)
-    except Exception:
+        return _adapt_compress_evaluate(domain, params, Path(init), data, c, run, logger, stage)
+    except Exception as err:
         c.set_terminated(run, "FAILED")
-        raise
+        c.set_tag(run, "metaloop.failed_stage", stage.name)
+        raise stage.failed(err) from err
 
 
-def _adapt_compress_evaluate(domain, params: Params, init: Path, data, c, run, logger) -> DomainOutcome:
+def _adapt_compress_evaluate(domain, params: Params, init: Path, data, c, run, logger,
+                             stage: Stage | None = None) -> DomainOutcome:
+    stage = stage or Stage(domain)
+    stage("data")
     table = pd.read_parquet(Path(params.curation.output_dir) / CURATED)
     pool = Pool(table)
     episodes = [e for e in read_manifest(Path(params.episodes.output_dir) / EVAL) if e.domain == domain]
@@ -81,6 +87,7 @@ def _adapt_compress_evaluate(domain, params: Params, init: Path, data, c, run, l
     eval_hash = data.eval_hash_by_domain[domain]
 
     out = Path(params.adapt.output_dir) / domain
+    stage("adaptation")
     adapted = adapt_domain(init, table, domain, params.adapt, out / "fp32", eval_labels=labels,
                            max_length=max_length, seed=seed, centroids=params.meta.centroids(),
                            pooling=params.backbone.pooling)  # first: it checks the domain's labels
@@ -98,14 +105,17 @@ def _adapt_compress_evaluate(domain, params: Params, init: Path, data, c, run, l
         records[recipe] = result.correct
         return result.metrics()
 
+    stage("evaluation")
     fp32 = score(out / "fp32", "fp32")
     tracking.log_metrics(c, run, {f"fp32.{k}": v for k, v in fp32.items()})
     logger.info("%s: accuracy %.1f before adaptation, %.1f after", domain, before, fp32.get("accuracy", float("nan")))
 
     chosen, chosen_dir, chosen_metrics = "fp32", out / "fp32", fp32
     for recipe in params.compress.recipes:
+        stage("compression")
         result = compress(out / "fp32", out / recipe, recipe, params.compress, train=train,
                           max_length=max_length, seed=seed)
+        stage("evaluation")
         metrics = {**score(out / recipe, recipe), **result.metrics()}
         tracking.log_metrics(c, run, {f"{recipe}.{k}": v for k, v in metrics.items()})
         logger.info("%s/%s: accuracy %.1f, %.1f MB, p50 %.1f ms", domain, recipe, metrics.get("accuracy", float("nan")),
@@ -118,12 +128,13 @@ def _adapt_compress_evaluate(domain, params: Params, init: Path, data, c, run, l
     c.set_tag(run, "metaloop.recipe", chosen)
     c.log_text(run, json.dumps(summary, indent=2), "summary.json")
     champion_scores = _rescore_champion(c, registry.model_name(params.registry.prefix, domain), eval_hash,
-                                        score, records, logger)
+                                        score, records, logger, domain)
     return DomainOutcome(domain=domain, run_id=run, classifier_dir=str(chosen_dir), recipe=chosen, metrics=summary,
                          correct=records[chosen], champion_scores=champion_scores)
 
 
-def _rescore_champion(c: MlflowClient, name: str, eval_hash: str, score, records: dict, logger) -> dict | None:
+def _rescore_champion(c: MlflowClient, name: str, eval_hash: str, score, records: dict, logger,
+                      domain: str = "") -> dict | None:
     """Score the champion on this run's episodes when it was scored on others (its domain's
     data changed) or kept no per-query record, so promotion compares like with like.
     Best effort: on failure, promotion refuses the comparison and says why."""
@@ -132,6 +143,7 @@ def _rescore_champion(c: MlflowClient, name: str, eval_hash: str, score, records
         return None
     recipe = f"champion-v{version}"
     try:
+        inject(domain, "rescoring")
         with tempfile.TemporaryDirectory() as tmp:
             # accuracy only: promotion compares the champion's accuracy, never its latency
             metrics = score(registry.download_classifier(c, name, version, Path(tmp)), recipe, timing=False)

@@ -53,6 +53,7 @@ class ModelPlan:
     fingerprint: Fingerprint | None = None  # None for a domain until its init version is known
     version: str | None = None
     champion: str | None = None
+    promotion_pending: bool = False  # registered (this fingerprint) but never decided on
 
 
 @dataclass
@@ -63,7 +64,7 @@ class Plan:
 
     @property
     def nothing_to_do(self) -> bool:
-        return not self.meta.retrain and not any(d.retrain for d in self.domains)
+        return not self.meta.retrain and not any(d.retrain or d.promotion_pending for d in self.domains)
 
     def stale_domains(self) -> list[str]:
         return [d.name for d in self.domains if d.retrain]
@@ -93,9 +94,11 @@ def _decide(c, name: str, fp: Fingerprint, forced: str | None) -> ModelPlan:
         return ModelPlan(name, True, forced, fp, champion=champion)
     if matching:
         v = max(matching, key=int)  # after a forced retrain both may match: the newest was used last
-        lost = champion is not None and champion != v
-        return ModelPlan(name, False, f"unchanged since v{v}" + (" (lost to the champion)" if lost else ""), fp, v,
-                         champion)
+        undecided = champion != v and "metaloop.decision" not in dict(versions)[v]
+        lost = champion is not None and champion != v and not undecided
+        why = f"unchanged since v{v}" + (" (lost to the champion)" if lost else "") + \
+              ("; its promotion never ran" if undecided else "")
+        return ModelPlan(name, False, why, fp, v, champion, promotion_pending=undecided)
     if not versions:
         return ModelPlan(name, True, "new: no version registered", fp)
     return ModelPlan(name, True, ", ".join(fp.changes(versions[0][1])), fp, champion=champion)

@@ -20,6 +20,7 @@ from tasks import plan, registry, tracking
 from tasks.data import DataVersion
 from tasks.domain import DomainOutcome
 from tasks.retry import IO_RETRIES
+from tasks.stages import Stage, inject
 from tasks.tracking import TAG
 
 
@@ -78,14 +79,16 @@ def fetch_init_task(params: Params, c: MlflowClient, version: str) -> Path:
     return registry.download_init(c, name, version, Path(params.meta.output_dir) / "registered")
 
 
-def _version_tags(fp: dict[str, str], model_fp: Fingerprint, eval_hash: str, recipe: str, parent: str,
-                  metrics: dict, correct: str | None = None) -> dict[str, str]:
-    return {
-        **{TAG + k: v for k, v in fp.items()}, **model_fp.tags(),
-        TAG + "git_commit": tracking.git_commit(), TAG + "eval_hash": eval_hash, TAG + "recipe": recipe,
-        TAG + "parent_run_id": parent, TAG + "metrics": json.dumps(registry.rounded(metrics)),
-        **({TAG + "correct": correct} if correct else {}),
-    }
+def _version_tags(fp: dict[str, str], eval_hash: str, recipe: str, parent: str) -> dict[str, str]:
+    """Lineage: what the version was made from (written when the version is created)."""
+    return {**{TAG + k: v for k, v in fp.items()}, TAG + "git_commit": tracking.git_commit(),
+            TAG + "eval_hash": eval_hash, TAG + "recipe": recipe, TAG + "parent_run_id": parent}
+
+
+def _claims(model_fp: Fingerprint, metrics: dict, correct: str | None = None) -> dict[str, str]:
+    """What the version's evaluation found, and the fingerprint that makes it count as done."""
+    return {TAG + "metrics": json.dumps(registry.rounded(metrics)), **({TAG + "correct": correct} if correct else {}),
+            **model_fp.tags()}
 
 
 @task(name="register-meta", **IO_RETRIES)
@@ -104,9 +107,9 @@ def register_meta_task(params: Params, data: DataVersion, fp: dict, model_fp: Fi
     name = registry.model_name(params.registry.prefix, "meta")
     version = registry.register_version(
         c, name, f"runs:/{runs['meta']}/meta_model", runs["meta"],
-        _version_tags(fp, model_fp, manifest["files"]["meta_val.jsonl"], params.meta.algorithm, runs["parent"],
-                      metrics),
+        _version_tags(fp, manifest["files"]["meta_val.jsonl"], params.meta.algorithm, runs["parent"]),
         description="meta-learned encoder initialisation (AutoModel folder + metaloop_head.json)",
+        claims=_claims(model_fp, metrics),
     )
     c.set_terminated(runs["meta"])
     decision = registry.promote(c, name, version, NoNaN() & Beats("accuracy", params.promotion.margin))
@@ -116,24 +119,59 @@ def register_meta_task(params: Params, data: DataVersion, fp: dict, model_fp: Fi
 @task(name="register-and-promote", **IO_RETRIES)
 def register_and_promote_task(outcome: DomainOutcome, params: Params, data: DataVersion, fp: dict,
                               model_fp: Fingerprint, c: MlflowClient, runs: dict) -> DomainOutcome:
+    """Register the domain's model, then promote it if the policy allows. A failure is
+    raised as `StageFailed` ("registration: ..." or "promotion: ..."); the flow records it
+    for this domain and goes on with the others."""
     if outcome.error or outcome.action != "retrained":
         return outcome
-    name = registry.model_name(params.registry.prefix, outcome.domain)
-    source = registry.log_classifier(c, outcome.run_id, Path(outcome.classifier_dir))
-    eval_hash = data.eval_hash_by_domain[outcome.domain]
-    tags = _version_tags(fp, model_fp, eval_hash, outcome.recipe, runs["parent"], outcome.metrics, outcome.correct)
-    outcome.version = registry.register_version(
-        c, name, source, outcome.run_id, tags,
-        description=f"few-shot intent classifier for {outcome.domain}",
-    )
-    c.set_terminated(outcome.run_id)
-    if outcome.champion_scores:
-        s = outcome.champion_scores
-        registry.record_scores(c, name, s["version"], eval_hash, s["metrics"], s["correct"])
-    decision = registry.promote(c, name, outcome.version, params.promotion.policy())
+    stage = Stage(outcome.domain)
+    try:
+        stage("registration")
+        name = registry.model_name(params.registry.prefix, outcome.domain)
+        source = registry.log_classifier(c, outcome.run_id, Path(outcome.classifier_dir))
+        eval_hash = data.eval_hash_by_domain[outcome.domain]
+        outcome.version = registry.register_version(
+            c, name, source, outcome.run_id, _version_tags(fp, eval_hash, outcome.recipe, runs["parent"]),
+            description=f"few-shot intent classifier for {outcome.domain}",
+            claims=_claims(model_fp, outcome.metrics, outcome.correct),
+            after_create=lambda: inject(outcome.domain, "version-created"),
+        )
+        c.set_terminated(outcome.run_id)
+        if outcome.champion_scores:
+            s = outcome.champion_scores
+            registry.record_scores(c, name, s["version"], eval_hash, s["metrics"], s["correct"])
+        stage("promotion")
+        decision = registry.promote(c, name, outcome.version, params.promotion.policy())
+    except Exception as err:
+        if outcome.run_id:
+            _fail_run(c, outcome.run_id)
+        raise stage.failed(err) from err
     outcome.promoted, outcome.reasons = decision.promote, list(decision.reasons)
     outcome.champion = registry._alias(c, name, registry.CHAMPION)
     return outcome
+
+
+@task(name="promote-pending", **IO_RETRIES)
+def promote_pending_task(domain: str, version: str, params: Params, c: MlflowClient) -> DomainOutcome:
+    """A registered challenger whose promotion never ran (it failed or the run died): decide now."""
+    name = registry.model_name(params.registry.prefix, domain)
+    stage = Stage(domain)
+    try:
+        stage("promotion")
+        decision = registry.promote(c, name, version, params.promotion.policy())
+    except Exception as err:
+        raise stage.failed(err) from err
+    return DomainOutcome(domain=domain, action="promotion retried", why=f"v{version} was registered, never decided",
+                         version=version, promoted=decision.promote, reasons=list(decision.reasons),
+                         champion=registry._alias(c, name, registry.CHAMPION))
+
+
+def _fail_run(c: MlflowClient, run_id: str) -> None:
+    try:
+        if c.get_run(run_id).info.status == "RUNNING":
+            c.set_terminated(run_id, "FAILED")
+    except Exception:  # best effort: the tracking server may be what failed
+        pass
 
 
 def decision_text(o: DomainOutcome) -> str:
@@ -171,6 +209,7 @@ def report_markdown(summary) -> str:
 
 @task(name="publish-report", **IO_RETRIES)
 def publish_report_task(summary, c: MlflowClient) -> str:
+    inject("*", "report")
     md = report_markdown(summary)
     create_markdown_artifact(md, key="retrain-report", description="per-domain accuracy, size, latency, promotion")
     rows = [{"domain": o.domain, "action": "failed" if o.error else o.action, "why": o.why, "version": o.version,

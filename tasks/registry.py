@@ -113,16 +113,63 @@ def _example_text(classifier_dir: Path) -> str:
     return label_text(AutoConfig.from_pretrained(classifier_dir).id2label[0])  # as metaloop.serving reads labels
 
 
+# Tags that claim a finished evaluation: written only once the version exists, and removed
+# from a version whose registration did not finish (`clean_abandoned`).
+CLAIMS = ("metrics", "correct", "fingerprint")
+STATE = TAG + "state"  # registering -> registered, or abandoned
+
+
 def register_version(c: MlflowClient, name: str, source: str, run_id: str, tags: Mapping[str, str],
-                     description: str = "") -> str:
-    """Create a version of `name` (and the model if new), alias it `challenger`; return the version."""
+                     description: str = "", claims: Mapping[str, str] | None = None,
+                     after_create: Callable[[], None] | None = None) -> str:
+    """Create a version of `name` (and the model if new) with its lineage `tags`, then its
+    `claims` (metrics, per-query record, fingerprint), then alias it `challenger`; return the
+    version. A crash in between leaves a version in state `registering` without the alias,
+    which nothing reads and the next registration marks abandoned."""
     try:
         c.get_registered_model(name)
     except MlflowException:
         c.create_registered_model(name, description=description or None)
-    mv = c.create_model_version(name, source=source, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
-    c.set_registered_model_alias(name, CHALLENGER, mv.version)
-    return str(mv.version)
+    clean_abandoned(c, name)
+    mv = c.create_model_version(name, source=source, run_id=run_id,
+                                tags={**{k: str(v) for k, v in tags.items()}, STATE: "registering"})
+    version = str(mv.version)
+    try:
+        if after_create:
+            after_create()  # fault drills (tasks/stages.py) stop here
+        for key, value in (claims or {}).items():
+            c.set_model_version_tag(name, version, key, str(value))
+        c.set_registered_model_alias(name, CHALLENGER, version)
+        c.set_model_version_tag(name, version, STATE, "registered")
+    except BaseException as err:
+        _abandon(c, name, version, f"{type(err).__name__}: {err}")
+        raise
+    return version
+
+
+def _abandon(c: MlflowClient, name: str, version: str, why: str) -> None:
+    """Best effort: take back the alias and the claims of a version whose registration failed."""
+    try:
+        if _alias(c, name, CHALLENGER) == version:
+            c.delete_registered_model_alias(name, CHALLENGER)
+        tags = c.get_model_version(name, version).tags
+        for key in CLAIMS:
+            if TAG + key in tags:
+                c.delete_model_version_tag(name, version, TAG + key)
+        c.set_model_version_tag(name, version, STATE, f"abandoned: {why}"[:500])
+    except Exception:  # the registry itself may be what failed; clean_abandoned retries later
+        pass
+
+
+def clean_abandoned(c: MlflowClient, name: str) -> list[str]:
+    """Versions left `registering` by a process that died (no alias): abandon them."""
+    aliased = {_alias(c, name, CHAMPION), _alias(c, name, CHALLENGER)}
+    out = []
+    for mv in c.search_model_versions(f"name = '{name}'"):
+        if mv.tags.get(STATE) == "registering" and str(mv.version) not in aliased:
+            _abandon(c, name, str(mv.version), "its registration never finished (process ended)")
+            out.append(str(mv.version))
+    return out
 
 
 def _alias(c: MlflowClient, name: str, alias: str) -> str | None:
