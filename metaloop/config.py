@@ -107,10 +107,20 @@ class Domains(Strict):
 
     @model_validator(mode="after")
     def _disjoint(self) -> "Domains":
+        from metaloop.names import domain_problem
+
         roles = {"meta_train": self.meta_train, "meta_val": self.meta_val, "target": self.target}
         seen: dict[str, str] = {}
+        folded: dict[str, str] = {}
         for role, names in roles.items():
             for name in names:
+                problem = domain_problem(name)
+                if problem:
+                    raise ValueError(f"domains.{role}: {problem}")
+                if name.casefold() in folded and folded[name.casefold()] != name:
+                    raise ValueError(f"domains.{role}: {name!r} and {folded[name.casefold()]!r} differ only in case; "
+                                     "they would share model folders on case-insensitive file systems")
+                folded[name.casefold()] = name
                 if name in seen:
                     raise ValueError(
                         f"domain {name!r} is listed in both domains.{seen[name]} and domains.{role}; "

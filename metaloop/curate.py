@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from metaloop.atomic import commit_dir, fresh_tmp
 from metaloop.config import Domains, Params
 from metaloop.errors import ConfigError, DataError
+from metaloop.names import domain_problem, is_empty_text, label_problem, strip_controls
 from metaloop.sources import RawRow, read_source, source_fingerprint
 
 CURATED, QUARANTINE, STATS = "curated.parquet", "quarantine.parquet", "stats.json"
@@ -118,6 +119,7 @@ class _Row:
     split: str = ""
     reason: str | None = None
     detail: str = ""
+    controls: int = 0  # control characters removed from the text
 
 
 def _first_pass(raw: RawRow, rules: CurationRules) -> _Row:
@@ -125,8 +127,10 @@ def _first_pass(raw: RawRow, rules: CurationRules) -> _Row:
     if raw.undecodable:
         row.reason, row.detail = "undecodable", "bytes that are not UTF-8"
         return row
-    row.text, row.label, row.domain = normalise(raw.text), normalise(raw.label), normalise(raw.domain)
-    if not row.text:
+    text, row.controls = strip_controls("" if raw.text is None or (isinstance(raw.text, float) and
+                                                                    math.isnan(raw.text)) else str(raw.text))
+    row.text, row.label, row.domain = normalise(text), normalise(raw.label), normalise(raw.domain)
+    if is_empty_text(row.text):
         row.reason = "empty_text"
     elif len(row.text) > rules.max_chars:
         row.reason, row.detail = "too_long", f"{len(row.text)} chars > curation.max_chars={rules.max_chars}"
@@ -134,6 +138,10 @@ def _first_pass(raw: RawRow, rules: CurationRules) -> _Row:
         row.reason = "missing_label"
     elif not row.domain:
         row.reason = "missing_domain"
+    elif domain_problem(row.domain):
+        row.reason, row.detail = "bad_domain_name", domain_problem(row.domain)
+    elif label_problem(row.label):
+        row.reason, row.detail = "bad_label_name", label_problem(row.label)
     else:
         split = normalise(raw.split).lower()
         if not split:
@@ -229,7 +237,10 @@ def _stats(rows: list[_Row], kept: list[dict], rules: CurationRules) -> dict:
         d["labels"].add(k["label"])
         d[k["split"]] += 1
     reasons = Counter(r.reason for r in rows if r.reason is not None)
+    cleaned = [r for r in rows if r.reason is None and r.controls]
     return {
+        # kept rows whose text lost control characters (tabs and newlines became spaces instead)
+        "control_chars_removed": {"rows": len(cleaned), "chars": sum(r.controls for r in cleaned)},
         "rows_in": len(rows),
         "rows_kept": len(kept),
         "rows_quarantined": sum(reasons.values()),

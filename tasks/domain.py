@@ -25,6 +25,7 @@ from metaloop.curate import CURATED
 from metaloop.episode_sets import EVAL
 from metaloop.episodes import Pool, read_manifest
 from metaloop.evaluate import evaluate
+from metaloop.names import under
 from tasks import registry, tracking
 from tasks.stages import Stage, inject
 
@@ -86,7 +87,7 @@ def _adapt_compress_evaluate(domain, params: Params, init: Path, data, c, run, l
     train, test = _split(table, domain, "train"), _split(table, domain, "test")
     eval_hash = data.eval_hash_by_domain[domain]
 
-    out = Path(params.adapt.output_dir) / domain
+    out = under(Path(params.adapt.output_dir), domain)
     stage("adaptation")
     adapted = adapt_domain(init, table, domain, params.adapt, out / "fp32", eval_labels=labels,
                            max_length=max_length, seed=seed, centroids=params.meta.centroids(),
@@ -113,7 +114,7 @@ def _adapt_compress_evaluate(domain, params: Params, init: Path, data, c, run, l
     chosen, chosen_dir, chosen_metrics = "fp32", out / "fp32", fp32
     for recipe in params.compress.recipes:
         stage("compression")
-        result = compress(out / "fp32", out / recipe, recipe, params.compress, train=train,
+        result = compress(out / "fp32", under(out, recipe), recipe, params.compress, train=train,
                           max_length=max_length, seed=seed)
         stage("evaluation")
         metrics = {**score(out / recipe, recipe), **result.metrics()}
