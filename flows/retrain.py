@@ -22,6 +22,7 @@ from prefect.states import Failed
 
 from metaloop.config import Params, load_params
 from metaloop.fingerprint import domain_fingerprint
+from metaloop.runlock import run_lock
 from tasks import tracking
 from tasks.data import push_task, repro_task
 from tasks.domain import DomainOutcome, domain_task
@@ -57,6 +58,14 @@ class RetrainSummary:
 @flow(name="metaloop-retrain", log_prints=True)
 def retrain(params_path: str = "params.yaml", force: bool = False, domains: list[str] | None = None) -> RetrainSummary:
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.DEFAULT_URI)
+    from prefect.runtime import flow_run
+
+    # One run at a time per project: a second one stops here, before writing anything.
+    with run_lock(Path("."), f"flow run {flow_run.get_name()!r} ({flow_run.get_id()})"):
+        return _retrain(params_path, force, domains)
+
+
+def _retrain(params_path: str, force: bool, domains: list[str] | None):
     logger = get_run_logger()
     params: Params = load_params(params_path)
     data = repro_task(params)

@@ -45,12 +45,12 @@ def deployments(params_path: str = "params.yaml") -> list:
 
     nightly = retrain.to_deployment(
         name="nightly", schedule=CronSchedule(cron=params.flow.cron, timezone=params.flow.timezone),
-        parameters={"params_path": params_path}, tags=["metaloop"],
+        parameters={"params_path": params_path}, tags=["metaloop"], concurrency_limit=1,
         description="Scheduled retraining of every target domain.",
     )
     watch = watch_sources.to_deployment(
         name="watch-sources", interval=params.flow.watch_every_minutes * 60,
-        parameters={"params_path": params_path}, tags=["metaloop"],
+        parameters={"params_path": params_path}, tags=["metaloop"], concurrency_limit=1,
         description="Retrain when the raw sources change.",
     )
     return [nightly, watch]

@@ -185,8 +185,10 @@ def test_5_served_deployments_carry_the_cron(project):
     nightly, watch = deployments(str(project / "params.yaml"))
     assert nightly.schedules[0].schedule.cron == params.get("flow", {}).get("cron", "0 2 * * *")
     assert watch.schedules[0].schedule.interval.total_seconds() == 15 * 60
+    assert nightly.concurrency_limit == 1 and watch.concurrency_limit == 1  # one run at a time
     shipped = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     shipped_cron = {d["name"]: d["schedules"][0].get("cron") for d in shipped["deployments"]}
+    assert all(d["concurrency_limit"] == 1 for d in shipped["deployments"])
     from metaloop.config import load_params
 
     assert shipped_cron["nightly"] == load_params(ROOT / "params.yaml").flow.cron
