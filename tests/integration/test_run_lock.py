@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -54,13 +55,7 @@ def test_a_second_run_exits_at_once_naming_the_first_and_writes_nothing(tmp_path
         assert {p: p.stat().st_mtime_ns for p in watched} == before
         assert first.poll() is None  # and the first run goes on, untouched
     finally:
-        import signal
-
-        try:
-            os.killpg(first.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        first.wait(timeout=60)
+        _end_everything_started_in(root, first)
         log.close()
     from mlflow import MlflowClient
 
@@ -69,3 +64,20 @@ def test_a_second_run_exits_at_once_naming_the_first_and_writes_nothing(tmp_path
     parents = [r for r in c.search_runs([exp]) if r.info.run_name.startswith("retrain")]
     assert len(parents) == 1  # the second run opened no MLflow run
     assert "another metaloop run" not in (tmp_path / "first.log").read_text()
+
+
+def _end_everything_started_in(root: Path, first: subprocess.Popen) -> None:
+    """The first run's whole tree: its session, and torchrun's workers, which run in sessions
+    of their own (found by their working folder)."""
+    import signal
+
+    import psutil
+
+    try:
+        os.killpg(first.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for q in psutil.process_iter(["cwd"]):
+        if q.info["cwd"] == str(root) and q.pid != os.getpid():
+            q.kill()
+    first.wait(timeout=60)
