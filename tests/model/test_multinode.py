@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from metaloop.config import load_params
-from metaloop.train import run, torchrun_command, torchrun_env
+from metaloop.train import ERROR_FILE_ENV, run, torchrun_command, torchrun_env
 from support import free_port
 
 
@@ -175,10 +175,12 @@ def _env(params, sub_env) -> dict:
 def test_torchrun_env_unshares_the_agent_store_for_rendezvous_runs(project):
     multi = load_params(project("multi", nnodes="2", nproc=1, rdzv_endpoint="head:29400"))
     assert torchrun_env(multi, base={})["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    error_file = {ERROR_FILE_ENV: str(multi.meta.output_dir.resolve() / "launch-error.json")}
     assert torchrun_env(multi, base={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0"}) == {
-        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0", "OMP_NUM_THREADS": "1"}  # a caller's choice stands
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0", "OMP_NUM_THREADS": "1", **error_file}  # a caller's choice stands
     single = load_params(project("single"))
-    assert torchrun_env(single, base={}) == {"OMP_NUM_THREADS": "1"}  # --standalone: torch's default
+    assert torchrun_env(single, base={}) == {  # --standalone: torch's default store
+        "OMP_NUM_THREADS": "1", ERROR_FILE_ENV: str(single.meta.output_dir.resolve() / "launch-error.json")}
 
 
 @pytest.mark.slow
