@@ -32,7 +32,7 @@ run: setup
 	$(VENV)/bin/metaloop run
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: setup
 	$(VENV)/bin/ruff check metaloop tasks flows tests

@@ -26,8 +26,9 @@ EXTRA = Path("data/raw/extra.csv")
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def project(tmp_path_factory, prefect_api) -> Path:
     base = tmp_path_factory.mktemp("incremental")
+    (base / "api").write_text(prefect_api)
     root = flow_project(base / "proj", env={**os.environ}, dvc_remote=base / "remote")
     _write_extra(root, [])
     params_edit(
@@ -66,7 +67,9 @@ def _label_of(domain: str) -> str:
 
 def env_for(project: Path) -> dict:
     # PYTHONPATH: the project's own copy of the code is what runs (and what a code change edits).
-    return {**os.environ, "PREFECT_HOME": str(project.parent / "prefect-home"), "PYTHONPATH": str(project),
+    # a shared real Prefect server (tests/conftest.py): twelve runs, one API start
+    return {**os.environ, "PREFECT_API_URL": (project.parent / "api").read_text(),
+            "PREFECT_HOME": str(project.parent / "prefect-home"), "PYTHONPATH": str(project),
             "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
 
 

@@ -30,8 +30,9 @@ STAGE_SHOWN = {**FAULTS, "real_estate": "registration"}  # the version-created p
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def project(tmp_path_factory, prefect_api) -> Path:
     base = tmp_path_factory.mktemp("isolation")
+    (base / "api").write_text(prefect_api)  # a shared real Prefect server (tests/conftest.py)
     root = flow_project(base / "proj", env={**os.environ})
     targets = [HEALTHY, *FAULTS]
     params_edit(
@@ -51,7 +52,8 @@ def project(tmp_path_factory) -> Path:
 
 
 def run(project: Path, *args: str, faults: str = "") -> subprocess.CompletedProcess:
-    env = {**os.environ, "PREFECT_HOME": str(project.parent / "prefect-home"), "PYTHONPATH": str(project),
+    env = {**os.environ, "PREFECT_API_URL": (project.parent / "api").read_text(),
+           "PREFECT_HOME": str(project.parent / "prefect-home"), "PYTHONPATH": str(project),
            "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "OMP_NUM_THREADS": "1",
            "METALOOP_INJECT_FAULT": faults}
     # Its own session, output to files: a killed run leaves Prefect's ephemeral server behind,
