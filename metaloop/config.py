@@ -114,7 +114,7 @@ class Domains(Strict):
         folded: dict[str, str] = {}
         for role, names in roles.items():
             for name in names:
-                problem = domain_problem(name)
+                problem = domain_problem(name, target=role == "target")
                 if problem:
                     raise ValueError(f"domains.{role}: {problem}")
                 if name.casefold() in folded and folded[name.casefold()] != name:

@@ -5,7 +5,8 @@ Domain names from sources end up in file paths, registered model names (`<prefix
 MLflow tags, Prefect task names and the report, so one rule decides what they may be:
 
     DOMAIN_RULE  1-64 characters: ASCII letters, digits, `_`, `-`, `.`; starting with a letter
-                 or a digit; not `meta` (the init's registered model is `<prefix>-meta`)
+                 or a digit; and a target domain is not `meta` (the init's registered model is
+                 `<prefix>-meta`; meta-train and meta-val domains are never registered)
 
 Curation quarantines a row whose domain breaks the rule (reason `bad_domain_name`) rather than
 stopping: one bad row of an export must not hold up every other domain; `params.yaml`'s
@@ -24,17 +25,17 @@ from pathlib import Path
 
 DOMAIN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 RESERVED_DOMAINS = frozenset({"meta"})
-DOMAIN_RULE = ("1-64 characters: ASCII letters, digits, '_', '-', '.', starting with a letter or digit; "
-               "not 'meta' (reserved for the meta-learned init's registered model)")
+DOMAIN_RULE = "1-64 characters: ASCII letters, digits, '_', '-', '.', starting with a letter or digit"
+RESERVED_RULE = "'meta' cannot be a target domain: <prefix>-meta is the meta-learned init's registered model"
 MAX_LABEL = 100
 
 
-def domain_problem(name: str) -> str | None:
-    """Why `name` cannot be a domain, or None when it can."""
+def domain_problem(name: str, target: bool = False) -> str | None:
+    """Why `name` cannot be a domain (a target domain, with `target`), or None when it can."""
     if not DOMAIN_RE.fullmatch(name):
         return f"domain name {name!r} breaks the rule ({DOMAIN_RULE})"
-    if name.casefold() in RESERVED_DOMAINS:
-        return f"domain name {name!r} is reserved ({DOMAIN_RULE})"
+    if target and name.casefold() in RESERVED_DOMAINS:
+        return f"domain name {name!r} is reserved ({RESERVED_RULE})"
     return None
 
 
