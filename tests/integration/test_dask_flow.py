@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 TARGETS = ["hospitality", "veterinary_clinic"]
 
 
-def test_domains_run_on_dask_worker_processes_with_their_share_of_the_cores(tmp_path):
+def test_domains_run_on_dask_worker_processes_with_their_share_of_the_cores(tmp_path, prefect_api):
     root = flow_project(tmp_path / "proj", env={**os.environ})
     params_edit(
         root,
@@ -30,7 +30,8 @@ def test_domains_run_on_dask_worker_processes_with_their_share_of_the_cores(tmp_
     )
     commit_all(root)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "MLFLOW_TRACKING_URI": uri,
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "MLFLOW_TRACKING_URI": uri,
            "PYTHONPATH": str(root)}
     proc = subprocess.Popen([str(BIN / "metaloop"), "run"], cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

@@ -137,19 +137,16 @@ def test_04_a_new_target_domain_adapts_alone(project):
     assert {d: new[d] for d in hashes} == hashes  # no other domain's evaluation moved
 
 
-def test_05_a_removed_target_domain_retrains_nothing(project):
+def test_05_06_a_removed_domain_retrains_nothing_and_domain_params_retrain_the_other_domains(project):
+    """Two rows in one run: the removed domain is neither retrained nor deleted, and the
+    adapt params change retrains every remaining domain, but not the init."""
     p = yaml.safe_load((project / "params.yaml").read_text())
-    params_edit(project, domains={**p["domains"], "target": ["hospitality", "telecom_support"]})
-    retrained, out = run(project)
-    assert retrained == set()
-    assert "removed from domains.target" in line(out, "veterinary_clinic")
-    assert versions(project)["veterinary_clinic"] == 1  # its models stay in the registry
-
-
-def test_06_domain_params_retrain_every_domain_not_the_init(project):
-    params_edit(project, adapt={"epochs": 2})
+    params_edit(project, domains={**p["domains"], "target": ["hospitality", "telecom_support"]},
+                adapt={"epochs": 2})
     retrained, out = run(project)
     assert retrained == {"hospitality", "telecom_support"}
+    assert "removed from domains.target" in line(out, "veterinary_clinic")
+    assert versions(project)["veterinary_clinic"] == 1  # its models stay in the registry
     assert "params changed" in line(out, "hospitality") and "skipped" in line(out, "meta")
 
 

@@ -16,7 +16,7 @@ from support import BIN, commit_all, flow_project, params_edit
 pytestmark = pytest.mark.slow
 
 
-def test_a_second_run_exits_at_once_naming_the_first_and_writes_nothing(tmp_path):
+def test_a_second_run_exits_at_once_naming_the_first_and_writes_nothing(tmp_path, prefect_api):
     root = flow_project(tmp_path / "proj", env={**os.environ})
     params_edit(
         root,
@@ -31,7 +31,8 @@ def test_a_second_run_exits_at_once_naming_the_first_and_writes_nothing(tmp_path
         adapt={"epochs": 1}, compress={"recipes": {}}, registry={"recipe": "fp32"},
     )
     commit_all(root)
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(root),
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PYTHONPATH": str(root),
            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
     log = open(tmp_path / "first.log", "w")
     # meta-training long enough to be running throughout; ended by the test, with its whole group
