@@ -27,7 +27,7 @@ from tasks import tracking
 from tasks.data import push_task, repro_task
 from tasks.domain import DomainOutcome, domain_task
 from tasks.meta_train import meta_train_task
-from tasks.plan import Plan, code_version
+from tasks.plan import Plan
 from tasks.publish import (
     fetch_init_task,
     lineage,
@@ -95,7 +95,7 @@ def _retrain(params_path: str, force: bool, domains: list[str] | None):
         stale = plan.stale_domains()
         futures = [domain_task.submit(d, params, init, data, runs["parent"]) for d in stale]
         outcomes = [domain_task_result(f, d) for f, d in zip(futures, stale)]
-        code = code_version()
+        code = plan.meta.fingerprint.parts["code"]  # hashed once, by the plan
         for o in outcomes:
             o.why = next(m.why for m in plan.domains if m.name == o.domain)
         # Registry writes run one at a time: they are cheap, and SQLite stores dislike concurrency.

@@ -67,7 +67,7 @@ def _verdict(err: BaseException) -> bool | None:
         return True
     if name in ("ConnectionError", "Timeout", "ReadTimeout", "ConnectTimeout", "ChunkedEncodingError"):
         return True  # requests' own classes (not all subclass the builtins)
-    if isinstance(err, OSError) and type(err) is OSError:
+    if type(err) is OSError:
         return True  # a plain OSError this project raises for I/O (e.g. `dvc push failed`)
     return None
 
