@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from metaloop.adapt import SIDECAR, commit_dir, fresh_tmp, write_json
-from metaloop.compress.runtime import ONNX_FILE, WEIGHTS, build_skeleton, count_params, structure_of
+from metaloop.compress.runtime import ONNX_FILE, WEIGHTS, count_params, qlinears, structure_of, torch_int8
 
 log = logging.getLogger("metaloop.compress")
 
@@ -159,34 +159,13 @@ def _dropped_root_warning(prefix: str):
 # ---------------------------------------------------------------- torch.ao dynamic int8
 
 
-def _qconfig(per_channel: bool):
-    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig
-
-    return per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
-
-
-def torch_int8(model: nn.Module, per_channel: bool = True) -> nn.Module:
-    """A torch.ao dynamic-int8 copy of `model` (every nn.Linear)."""
-    from torch.ao.quantization import quantize_dynamic
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return quantize_dynamic(model.eval(), {nn.Linear: _qconfig(per_channel)}, dtype=torch.qint8, inplace=False)
-
-
-def _qlinears(model: nn.Module) -> dict[str, nn.Module]:
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    return {n: m for n, m in model.named_modules() if isinstance(m, DynamicLinear)}
-
-
 def save_torch_int8(fp32: nn.Module, tokenizer, out_dir: str | Path, info: dict, per_channel: bool = True) -> Path:
     """Quantize `fp32` and write its int8 weights and scales as safetensors."""
     from safetensors.torch import save_file
 
     q = torch_int8(fp32, per_channel)
     tensors: dict[str, torch.Tensor] = {}
-    qmods = _qlinears(q)
+    qmods = qlinears(q)
     for name, m in qmods.items():
         w, b = m._weight_bias()
         tensors[f"{name}.weight.int8"] = w.int_repr().contiguous()
@@ -213,36 +192,6 @@ def save_torch_int8(fp32: nn.Module, tokenizer, out_dir: str | Path, info: dict,
     })
     commit_dir(tmp, out)
     return out
-
-
-def load_torch_int8(path: str | Path, meta: dict) -> nn.Module:
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    tensors = load_file(str(path / WEIGHTS))
-    model = build_skeleton(path, meta.get("structure"))
-    names = set(meta["quantized"])
-    prefixes = tuple(f"{n}." for n in names)
-    rest = {k: v for k, v in tensors.items() if not k.startswith(prefixes)}
-    missing, unexpected = model.load_state_dict(rest, strict=False)
-    params = dict(model.named_parameters())
-    bad = [k for k in missing if k in params and not k.startswith(prefixes)]
-    if bad or unexpected:
-        raise ValueError(f"{path}: int8 weights do not fit the model (missing {bad[:5]}, unexpected {unexpected[:5]})")
-    q = torch_int8(model, bool(meta.get("per_channel", True)))
-    qmods = _qlinears(q)
-    if set(qmods) != names:
-        raise ValueError(f"{path}: quantized modules differ from the saved ones")
-    for name, m in qmods.items():
-        ints = tensors[f"{name}.weight.int8"]
-        scale = tensors[f"{name}.weight.scale"].double()
-        zp = tensors[f"{name}.weight.zero_point"]
-        if scale.numel() > 1 or meta.get("per_channel", True) and ints.dim() == 2 and scale.numel() == ints.shape[0]:
-            w = torch._make_per_channel_quantized_tensor(ints, scale, zp, 0)
-        else:
-            w = torch._make_per_tensor_quantized_tensor(ints, float(scale[0]), int(zp[0]))
-        m.set_weight_bias(w, tensors.get(f"{name}.bias"))
-    return q.eval()
 
 
 def file_mb(path: str | Path) -> float:

@@ -18,6 +18,7 @@ Nothing is unpickled. `load_classifier(path)` returns a `Classifier` whatever th
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -151,6 +152,61 @@ def build_skeleton(path: str | Path, structure: dict | None = None) -> nn.Module
     return model
 
 
+# ---------------------------------------------------------------- torch.ao dynamic int8
+# Rebuilt here, where every format is read; `quantize` writes them and imports these.
+
+
+def _qconfig(per_channel: bool):
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig
+
+    return per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+
+
+def torch_int8(model: nn.Module, per_channel: bool = True) -> nn.Module:
+    """A torch.ao dynamic-int8 copy of `model` (every nn.Linear)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model.eval(), {nn.Linear: _qconfig(per_channel)}, dtype=torch.qint8, inplace=False)
+
+
+def qlinears(model: nn.Module) -> dict[str, nn.Module]:
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, DynamicLinear)}
+
+
+def load_torch_int8(path: str | Path, meta: dict) -> nn.Module:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    tensors = load_file(str(path / WEIGHTS))
+    model = build_skeleton(path, meta.get("structure"))
+    names = set(meta["quantized"])
+    prefixes = tuple(f"{n}." for n in names)
+    rest = {k: v for k, v in tensors.items() if not k.startswith(prefixes)}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    params = dict(model.named_parameters())
+    bad = [k for k in missing if k in params and not k.startswith(prefixes)]
+    if bad or unexpected:
+        raise ValueError(f"{path}: int8 weights do not fit the model (missing {bad[:5]}, unexpected {unexpected[:5]})")
+    q = torch_int8(model, bool(meta.get("per_channel", True)))
+    qmods = qlinears(q)
+    if set(qmods) != names:
+        raise ValueError(f"{path}: quantized modules differ from the saved ones")
+    for name, m in qmods.items():
+        ints = tensors[f"{name}.weight.int8"]
+        scale = tensors[f"{name}.weight.scale"].double()
+        zp = tensors[f"{name}.weight.zero_point"]
+        if scale.numel() > 1 or meta.get("per_channel", True) and ints.dim() == 2 and scale.numel() == ints.shape[0]:
+            w = torch._make_per_channel_quantized_tensor(ints, scale, zp, 0)
+        else:
+            w = torch._make_per_tensor_quantized_tensor(ints, float(scale[0]), int(zp[0]))
+        m.set_weight_bias(w, tensors.get(f"{name}.bias"))
+    return q.eval()
+
+
 def load_torch(path: str | Path) -> tuple[nn.Module, object, dict]:
     """(model in eval mode, tokenizer, sidecar) of an `hf` / `hf-pruned` / `torch-int8` folder."""
     from safetensors.torch import load_file
@@ -161,8 +217,6 @@ def load_torch(path: str | Path) -> tuple[nn.Module, object, dict]:
     fmt = meta.get("format", "hf")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if fmt == "torch-int8":
-        from metaloop.compress.quantize import load_torch_int8
-
         return load_torch_int8(path, meta), tokenizer, meta
     if fmt not in ("hf", "hf-pruned"):
         raise ConfigError(f"{path}: format {fmt!r} is not a torch model folder")
