@@ -1,7 +1,7 @@
 """Settings of the adaptation and compression stages (`adapt:` and `compress:` in params.yaml).
 
 Kept free of torch so that loading params.yaml (every CLI command, the flow's no-op check)
-stays fast; `metaloop.adapt` and `metaloop.compress` re-export these names.
+stays fast; `metaloop.adapt` and `metaloop.compress` re-export the ones their callers use.
 """
 
 from __future__ import annotations

@@ -127,8 +127,9 @@ def make_plan(params: Params, manifest: dict, c=None, force: bool = False, only:
             domains.append(ModelPlan(d, False, "not selected (--domain)", champion=registry._alias(c, name, registry.CHAMPION)))
             continue
         if meta.retrain:
-            domains.append(ModelPlan(d, True, "--force" if force else "new init",
-                                     champion=registry._alias(c, name, registry.CHAMPION)))
+            champion, versions = _aliased(c, name)
+            why = "--force" if force else ("new init" if versions else "new: no version registered")
+            domains.append(ModelPlan(d, True, why, champion=champion))
             continue
         fp = domain_fingerprint(params, manifest, d, meta.version, code)
         m = _decide(c, name, fp, "--force" if force else ("--domain" if only else None))

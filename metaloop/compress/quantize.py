@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metaloop.adapt import SIDECAR, commit_dir, fresh_tmp, write_json
+from metaloop.adapt import SIDECAR
+from metaloop.atomic import commit_dir, fresh_tmp, write_json
 from metaloop.compress.runtime import ONNX_FILE, WEIGHTS, count_params, qlinears, structure_of, torch_int8
 
 log = logging.getLogger("metaloop.compress")

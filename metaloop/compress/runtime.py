@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from metaloop.adapt import SIDECAR, commit_dir, fresh_tmp, layers_of, write_json
+from metaloop.adapt import SIDECAR, layers_of
+from metaloop.atomic import commit_dir, fresh_tmp, write_json
 from metaloop.errors import ConfigError
 
 ONNX_FILE = "model.onnx"
