@@ -63,6 +63,17 @@ class AllOf(_Composable):
         return [f for c in self.checks for f in c.failures(cand, champ)]
 
 
+def _unusable(key: str, *scored: Scored) -> list[str]:
+    """Why `key` cannot be compared on these versions: missing, None, NaN or infinite."""
+    out = []
+    for s, side in zip(scored, ("candidate", "champion")):
+        if key not in s.metrics:
+            out.append(f"{key!r} missing on {side} v{s.version}")
+        elif not isinstance(s.metrics[key], (int, float)) or not math.isfinite(s.metrics[key]):
+            out.append(f"{key!r} is {s.metrics[key]!r} on {side} v{s.version}")
+    return out
+
+
 @dataclass(frozen=True)
 class NoNaN(_Composable):
     def failures(self, cand: Scored, champ: Scored | None) -> list[str]:
@@ -110,8 +121,9 @@ class Beats(_Composable):
     def failures(self, cand: Scored, champ: Scored | None) -> list[str]:
         if champ is None:
             return []
-        if self.metric not in cand.metrics or self.metric not in champ.metrics:
-            return [f"metric {self.metric!r} missing on candidate or champion"]
+        unusable = _unusable(self.metric, cand, champ)
+        if unusable:
+            return [f"metric {u}, so the champion cannot be compared" for u in unusable]
         gain = cand.metrics[self.metric] - champ.metrics[self.metric]
         # A tie never promotes (swapping equals only churns); 1e-9 absorbs float noise.
         if gain > 1e-9 and gain >= self.margin - 1e-9:
@@ -185,10 +197,14 @@ class NoRegression(_Composable):
             return []
         out = []
         for key, tol in sorted(self.tolerances.items()):
-            if key in cand.metrics and key in champ.metrics:
-                drop = champ.metrics[key] - cand.metrics[key]
-                if drop > tol:
-                    out.append(f"{key} regressed by {drop:.2f} (tolerance {tol:.2f})")
+            unusable = _unusable(key, cand, champ)
+            if unusable:  # a guard that cannot be checked keeps the champion, as Beats does
+                out += [f"guarded metric {u}, so a regression cannot be ruled out (remove it from "
+                        "promotion.guarded to promote without this guard)" for u in unusable]
+                continue
+            drop = champ.metrics[key] - cand.metrics[key]
+            if drop > tol:
+                out.append(f"{key} regressed by {drop:.2f} (tolerance {tol:.2f})")
         return out
 
 

@@ -278,6 +278,8 @@ def promote(c: MlflowClient, name: str, version: str, policy: Check,
     champion = _alias(c, name, CHAMPION)
     tags = c.get_model_version(name, version).tags
     if champion == version:
+        if _alias(c, name, CHALLENGER) == version:  # a move interrupted after `champion` moved: finish it
+            c.delete_registered_model_alias(name, CHALLENGER)
         return Decision(True, ("already champion",), version, champion)
     if TAG + "decision" in tags and tags[TAG + "decided_against"] == str(champion):
         # Decided before against this same champion: replay it (and finish an interrupted move).

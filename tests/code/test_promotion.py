@@ -110,3 +110,80 @@ def test_significance_without_records_names_the_fix():
 def test_alpha_null_leaves_the_margin_alone():
     assert not any(isinstance(c, Significant) for c in Promotion(alpha=None).policy().checks)
     assert any(c == Significant(0.05) for c in Promotion().policy().checks)
+
+
+# ---------------------------------------------------------------- edge cases (issue 27)
+
+MARGIN_0 = Promotion(margin=0.0, alpha=None).policy()
+
+
+@pytest.mark.parametrize("accuracy, promote", [(90.0, False), (90.0 + 1e-12, False), (90.01, True)])
+def test_a_tie_at_margin_zero_never_promotes(accuracy, promote):
+    decision = decide(cand(accuracy=accuracy), CHAMP, MARGIN_0)
+    assert decision.promote is promote, decision.reasons
+    if not promote:
+        assert decision.reasons == ("accuracy 90.00 vs champion 90.00: gain +0.00 below the margin 0.00",)
+
+
+def test_a_tie_with_identical_per_query_records_is_not_significant_either():
+    rows = [True] * 60 + [False] * 6
+    decision = decide(scored("2", rows), scored("1", rows), Promotion(margin=0.0).policy())
+    assert not decision.promote
+    assert any("gain +0.00 below the margin 0.00" in r for r in decision.reasons)
+    assert any("0 queries newly right, 0 newly wrong, sign test p = 1.000" in r for r in decision.reasons)
+
+
+def without(scored_: Scored, key: str) -> Scored:
+    return Scored(scored_.version, scored_.eval_hash, {k: v for k, v in scored_.metrics.items() if k != key})
+
+
+def with_(scored_: Scored, **metrics) -> Scored:
+    return Scored(scored_.version, scored_.eval_hash, {**scored_.metrics, **metrics})
+
+
+GUARDED = Promotion(margin=0.5, guarded={"accuracy_1shot": 1.0}, alpha=None).policy()
+
+
+@pytest.mark.parametrize("candidate, champion, reasons", [
+    # the promotion metric cannot be compared: keep the champion, say which side and why
+    (without(cand(accuracy=95.0), "accuracy"), CHAMP,
+     ["metric 'accuracy' missing on candidate v2, so the champion cannot be compared"]),
+    (cand(accuracy=95.0), without(CHAMP, "accuracy"),
+     ["metric 'accuracy' missing on champion v1, so the champion cannot be compared"]),
+    (cand(accuracy=None), CHAMP,
+     ["metric(s) ['accuracy'] are NaN or infinite", "metric 'accuracy' is None on candidate v2, so the champion "
+      "cannot be compared"]),
+    (cand(accuracy=95.0), with_(CHAMP, accuracy=None),
+     ["metric 'accuracy' is None on champion v1, so the champion cannot be compared"]),
+    (cand(accuracy=math.inf), CHAMP,
+     ["metric(s) ['accuracy'] are NaN or infinite", "metric 'accuracy' is inf on candidate v2, so the champion "
+      "cannot be compared"]),
+    # a champion at -inf would be "beaten" by anything: the comparison is refused instead
+    (cand(accuracy=95.0), with_(CHAMP, accuracy=-math.inf),
+     ["metric 'accuracy' is -inf on champion v1, so the champion cannot be compared"]),
+    (cand(accuracy=95.0), with_(CHAMP, accuracy=math.nan),
+     ["metric 'accuracy' is nan on champion v1, so the champion cannot be compared"]),
+    # a guarded metric missing (or unusable) on one side: the guard cannot be checked, so it holds
+    (without(cand(accuracy=95.0), "accuracy_1shot"), CHAMP,
+     ["guarded metric 'accuracy_1shot' missing on candidate v2, so a regression cannot be ruled out (remove it "
+      "from promotion.guarded to promote without this guard)"]),
+    (cand(accuracy=95.0), without(CHAMP, "accuracy_1shot"),
+     ["guarded metric 'accuracy_1shot' missing on champion v1, so a regression cannot be ruled out (remove it "
+      "from promotion.guarded to promote without this guard)"]),
+    (cand(accuracy=95.0), with_(CHAMP, accuracy_1shot=None),
+     ["guarded metric 'accuracy_1shot' is None on champion v1, so a regression cannot be ruled out (remove it "
+      "from promotion.guarded to promote without this guard)"]),
+])
+def test_unusable_metrics_keep_the_champion_and_say_why(candidate, champion, reasons):
+    decision = decide(candidate, champion, GUARDED)
+    assert decision.promote is False
+    assert list(decision.reasons) == reasons
+
+
+def test_with_no_champion_only_nan_and_budgets_apply():
+    # nothing to compare with: a missing metric is no reason to wait (the meta init of a run
+    # without meta-val episodes has no accuracy), but a None or infinite one still is
+    assert decide(without(cand(), "accuracy"), None, GUARDED).reasons == ("no champion yet",)
+    assert decide(without(cand(), "accuracy_1shot"), None, GUARDED).promote
+    assert not decide(cand(accuracy=None), None, GUARDED).promote
+    assert not decide(cand(accuracy=-math.inf), None, GUARDED).promote

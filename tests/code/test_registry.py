@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from mlflow import MlflowClient
 
 from support import run_cli, tiny_classifier
 from metaloop.config import Promotion
@@ -168,3 +169,82 @@ def test_cli_models_promote_rollback(mlflow_sqlite, tmp_path):
     assert list_models(c, "metaloop")[0].champion == "1"
     again = run_cli("metaloop", "rollback", "hotel", "--params", params, cwd=tmp_path, check=False)
     assert again.returncode == 2 and "nothing to roll back" in again.stderr
+
+
+# ---------------------------------------------------------------- edge cases (issue 27)
+
+
+def test_a_decision_is_replayed_only_against_the_champion_it_was_made_against(mlflow_sqlite, tmp_path):
+    c = client()
+    v1 = new_version(c, tmp_path, 90.0)
+    promote(c, NAME, v1, POLICY)
+    v2 = new_version(c, tmp_path, 95.0)
+
+    def crash():
+        raise RuntimeError("killed mid-promotion")
+
+    with pytest.raises(RuntimeError):  # decided "promote" against v1, then the process died
+        promote(c, NAME, v2, POLICY, before_alias_move=crash)
+    assert c.get_model_version(NAME, v2).tags[TAG + "decided_against"] == v1
+    v3 = new_version(c, tmp_path, 97.0)  # meanwhile a better version became champion
+    assert promote(c, NAME, v3, POLICY).promote and _alias(c, NAME, CHAMPION) == v3
+
+    again = promote(c, NAME, v2, POLICY)  # v2's recorded "promote" was against v1, not v3: decide again
+    assert not again.promote and again.champion == v3
+    assert again.reasons == ("accuracy 95.00 vs champion 97.00: gain -2.00 below the margin 0.50",)
+    tags = c.get_model_version(NAME, v2).tags
+    assert tags[TAG + "decision"] == "keep" and tags[TAG + "decided_against"] == v3
+    assert TAG + "previous_champion" not in tags
+    assert _alias(c, NAME, CHAMPION) == v3
+
+
+class _DiesBeforeClearingTheChallenger(MlflowClient):
+    """A real client on the same store whose process 'dies' right after `champion` moved:
+    the challenger alias is still on the new champion."""
+
+    def delete_registered_model_alias(self, name, alias):
+        if alias == CHALLENGER:
+            raise SystemExit("killed between the champion move and the challenger cleanup")
+        return super().delete_registered_model_alias(name, alias)
+
+
+def test_a_crash_after_the_champion_moved_is_finished_by_the_rerun(mlflow_sqlite, tmp_path):
+    c = client()
+    v1 = new_version(c, tmp_path, 90.0)
+    promote(c, NAME, v1, POLICY)
+    v2 = new_version(c, tmp_path, 95.0)
+    dying = _DiesBeforeClearingTheChallenger(tracking_uri=mlflow_sqlite, registry_uri=mlflow_sqlite)
+    with pytest.raises(SystemExit):
+        promote(dying, NAME, v2, POLICY)
+    # the state such a crash leaves: v2 is champion (the decision and lineage written first) and still challenger
+    assert _alias(c, NAME, CHAMPION) == v2 and _alias(c, NAME, CHALLENGER) == v2
+    assert c.get_model_version(NAME, v2).tags[TAG + "previous_champion"] == v1
+
+    rerun = promote(c, NAME, v2, POLICY)  # the rerun completes the interrupted move
+    assert rerun.promote and rerun.reasons == ("already champion",)
+    assert _alias(c, NAME, CHAMPION) == v2 and _alias(c, NAME, CHALLENGER) is None
+    assert [(r.champion, r.challenger) for r in list_models(c, "metaloop")] == [(v2, None)]
+    assert rollback(c, NAME) == v1  # and the lineage the crash left is whole
+
+
+def test_rollback_tags_both_versions_and_needs_a_champion(mlflow_sqlite, tmp_path):
+    import re
+
+    from metaloop.errors import MetaloopError
+
+    c = client()
+    with pytest.raises(MetaloopError, match=rf"^{NAME}: has no champion to roll back$"):
+        rollback(c, NAME)  # not even registered
+    v1 = new_version(c, tmp_path, 90.0)  # registered, still only a challenger
+    with pytest.raises(MetaloopError, match=rf"^{NAME}: has no champion to roll back$"):
+        rollback(c, NAME)
+    assert _alias(c, NAME, CHALLENGER) == v1 and _alias(c, NAME, CHAMPION) is None
+
+    promote(c, NAME, v1, POLICY)
+    v2 = new_version(c, tmp_path, 92.0)
+    promote(c, NAME, v2, POLICY)
+    assert rollback(c, NAME) == v1 and _alias(c, NAME, CHAMPION) == v1
+    rolled, restored = c.get_model_version(NAME, v2).tags, c.get_model_version(NAME, v1).tags
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", rolled[TAG + "rolled_back_at"])
+    assert restored[TAG + "restored_from"] == v2 and TAG + "rolled_back_at" not in restored
+    assert TAG + "restored_from" not in rolled
