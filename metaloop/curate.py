@@ -265,9 +265,12 @@ def check_roles(stats: dict, params: Params) -> None:
                 )
             need = params.episodes.min_ways if role != "target" else 2
             if present[name]["labels"] < need:
+                # a target's 2 labels are a classifier's minimum, which no setting lowers
+                fix = ("Add examples or lower episodes.ways." if role != "target" else
+                       f"Add examples of another label or remove {name!r} from domains.target.")
                 raise DataError(
                     f"domain {name!r} ({role}) keeps {present[name]['labels']} label(s) after curation; "
-                    f"its episodes need at least {need}. Add examples or lower episodes.ways."
+                    f"its episodes need at least {need}. {fix}"
                 )
 
 

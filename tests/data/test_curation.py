@@ -280,3 +280,146 @@ def test_a_split_column_is_used_by_default_and_an_explicit_one_must_exist(tmp_pa
     assert (table["split"] == "test").sum() == 4  # the file's own splits, not hashed ones
     with pytest.raises(DataError, match="split -> 'fold'"):
         curate(params_with(tmp_path, [{"kind": "file", "path": str(path), "columns": {"split": "fold"}}]))
+
+
+# ---------------------------------------------------------------- splits, rule order, failures (issue 27)
+
+HASHED = CurationRules(  # a domain with no role: no per-label minimum, only the split rules
+    max_chars=100, test_fraction=0.3, val_fraction=0.2, domains=Domains(meta_train=["d"], target=["t"]),
+    needs={"meta_train": (2, 0), "meta_val": (1, 1), "target": (1, 1)},
+)
+
+
+def _splits(rows: list[RawRow]) -> dict[str, str]:
+    kept, quarantined, _ = clean(rows, HASHED)
+    assert not quarantined
+    return {k["text"]: k["split"] for k in kept}
+
+
+def test_hashed_splits_keep_every_row_in_its_split_when_rows_are_added():
+    old = [raw(f"request number {i}", label="ab"[i % 2], domain="free", row=i + 1) for i in range(300)]
+    before = _splits(old)
+    counts = {s: sum(v == s for v in before.values()) for s in ("train", "val", "test")}
+    # every split gets its share (0.5 / 0.2 / 0.3 of 300, within hashing noise)
+    assert 120 <= counts["train"] <= 180 and 35 <= counts["val"] <= 85 and 65 <= counts["test"] <= 115, counts
+    # New rows arrive first (so every old row's line number moves) and from another source too.
+    new = [raw(f"another request {i}", label="ab"[i % 2], domain="free", source="s2", row=i + 1) for i in range(200)]
+    shifted = [RawRow(r.text, r.label, r.domain, r.split, r.source, r.row + 200) for r in old]
+    after = _splits([*new, *shifted])
+    assert {t: after[t] for t in before} == before
+    assert {after[t] for t in after if t.startswith("another")} == {"train", "val", "test"}
+    # the split is a function of (domain, text) alone: case and spacing do not move it
+    assert _splits([raw("  REQUEST   number 7 ", domain="free")]) == {"REQUEST number 7": before["request number 7"]}
+
+
+@pytest.mark.parametrize("alias, split", [
+    ("train", "train"), ("training", "train"), ("Training", "train"),
+    ("val", "val"), ("valid", "val"), ("validation", "val"), ("dev", "val"), (" DEV ", "val"),
+    ("test", "test"), ("testing", "test"), ("Test", "test"),
+])
+def test_split_aliases_map_to_train_val_test(alias, split):
+    kept, quarantined, _ = clean([*FILLER, raw("the aliased row", split=alias)], RULES)
+    assert not quarantined
+    assert [k["split"] for k in kept if k["text"] == "the aliased row"] == [split]
+
+
+def _reason_by_row(rows: list[RawRow]) -> dict[int, str | None]:
+    kept, quarantined, stats = clean(rows, RULES)
+    assert stats["rows_in"] == len(rows) == len(kept) + len(quarantined)
+    got: dict[int, str | None] = {r.row: None for r in rows}
+    for q in quarantined:
+        got[q["row"]] = q["reason"]
+    return got
+
+
+def test_a_text_in_val_and_test_keeps_the_val_copy_and_train_beats_both():
+    got = _reason_by_row([*FILLER, raw("val or test", split="test", row=10), raw("val or test", split="val", row=11)])
+    assert (got[10], got[11]) == ("split_leakage", None)
+    kept, quarantined, _ = clean([*FILLER, raw("val or test", split="test", row=10),
+                                  raw("val or test", split="val", row=11)], RULES)
+    assert quarantined[0]["detail"] == "also in split 'val', which keeps it"
+    got = _reason_by_row([*FILLER, raw("everywhere", split="test", row=10), raw("everywhere", split="val", row=11),
+                          raw("everywhere", split="train", row=12)])
+    assert (got[10], got[11], got[12]) == ("split_leakage", "split_leakage", None)
+
+
+@pytest.mark.parametrize("rows, expected", [
+    # first-pass rules, in the documented order: each row gets the first reason that applies
+    ([raw("caf\udce9" + "x" * 50, label=None, row=10)], {10: "undecodable"}),
+    ([raw("   ", label=None, domain="", row=10)], {10: "empty_text"}),
+    ([raw("x" * 41, label=None, split="holdout", row=10)], {10: "too_long"}),
+    ([raw("no label, no domain", label=None, domain="", row=10)], {10: "missing_label"}),
+    ([raw("no domain, odd split", domain="", split="holdout", row=10)], {10: "missing_domain"}),
+    # an unknown split takes the row out before the group rules see it
+    ([raw("twice", row=10), raw("twice", split="holdout", row=11)], {10: None, 11: "unknown_split"}),
+    # conflicting labels before leakage: every copy goes, not just the other split's
+    ([raw("shared", "a", split="train", row=10), raw("shared", "b", split="test", row=11)],
+     {10: "conflicting_labels", 11: "conflicting_labels"}),
+    # leakage before duplicate: the test copy leaks, the second train copy is a duplicate
+    ([raw("thrice", split="test", row=10), raw("thrice", split="train", row=11), raw("thrice", split="train", row=12)],
+     {10: "split_leakage", 11: None, 12: "duplicate"}),
+    # too few examples last, counted after duplicates are gone: label b keeps one train row of two
+    ([raw("b only", "b", row=10), raw("B  only", "b", row=11)], {10: "too_few_examples", 11: "duplicate"}),
+])
+def test_rules_apply_in_their_documented_order(rows, expected):
+    got = _reason_by_row([*FILLER, *rows])
+    assert {r: got[r] for r in expected} == expected
+    assert got[1] is None  # the filler stays
+
+
+def test_a_domain_left_with_too_few_labels_names_domain_role_and_fix(tmp_path):
+    rows = small_rows()
+    # domain d's label y keeps a single train row: too few for 1-shot + 1-query episodes
+    rows = [r for r in rows if not (r["area"] == "d" and r["intent"] == "y")]
+    rows.append({"utterance": "d lonely y", "intent": "y", "area": "d", "part": "train"})
+    path = write(tmp_path / "rows.csv", rows, "csv")
+    with pytest.raises(DataError) as err:
+        curate(params_with(tmp_path, [{"kind": "file", "path": str(path), "columns": COLUMNS}]))
+    assert str(err.value) == ("domain 'd' (meta_train) keeps 1 label(s) after curation; its episodes need at "
+                              "least 2. Add examples or lower episodes.ways.")
+    assert not (tmp_path / "curated").exists() and not list(tmp_path.glob(".*curated*"))
+
+    rows = [r for r in small_rows() if not (r["area"] == "t" and r["intent"] == "y")]
+    path = write(tmp_path / "rows2.csv", rows, "csv")
+    with pytest.raises(DataError, match=r"domain 't' \(target\) keeps 1 label\(s\) after curation; its episodes "
+                                        r"need at least 2\. Add examples of another label or remove 't' from "
+                                        r"domains\.target\."):
+        curate(params_with(tmp_path, [{"kind": "file", "path": str(path), "columns": COLUMNS}]))
+
+
+def test_a_failed_write_leaves_the_previous_output_whole_and_no_partial_files(tmp_path):
+    """A real write failure, as root too: the file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored)
+    lets the small curated.parquet through and fails quarantine.parquet with EFBIG."""
+    import random
+    import resource
+    import signal
+
+    good = write(tmp_path / "good.csv", small_rows(), "csv")
+    curate(params_with(tmp_path, [{"kind": "file", "path": str(good), "columns": COLUMNS}]))
+    out = tmp_path / "curated"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    rng = random.Random(0)
+    noise = [{"utterance": "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(60)), "intent": "",
+              "area": "d", "part": "train"} for _ in range(1500)]  # all quarantined (missing_label)
+    changed = write(tmp_path / "changed.csv", [r | {"utterance": r["utterance"] + " v2"} for r in small_rows()] + noise,
+                    "csv")
+    params = params_with(tmp_path, [{"kind": "file", "path": str(changed), "columns": COLUMNS}])
+    limit = 32 * 1024  # curated.parquet (24 rows) is a few kB; quarantine.parquet (1500 random texts) is ~100 kB
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        with pytest.raises(OSError) as err:
+            curate(params)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert "too large" in str(err.value).lower() or getattr(err.value, "errno", None) == 27, err.value
+
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched, all three files
+    stats = json.loads((out / STATS).read_text())
+    kept, quarantined = pd.read_parquet(out / CURATED), pd.read_parquet(out / QUARANTINE)
+    assert stats["rows_in"] == stats["rows_kept"] + stats["rows_quarantined"] == len(kept) + len(quarantined) == 24
+    assert not any("v2" in t for t in kept["text"])
+    assert sorted(p.name for p in tmp_path.iterdir() if "curated" in p.name) == ["curated"]  # no .tmp-/.stale-
