@@ -3,7 +3,9 @@
 Started natively (no Docker engine here), stopped by pid at the end:
 
 * Postgres (Debian's package: `initdb` + `postgres`), one database for MLflow, one for Prefect;
-  when it is not installed, or psycopg2 is missing, both fall back to SQLite and say so;
+  when it is not installed, or psycopg2 is missing, both fall back to SQLite and say so (the
+  Postgres test is then skipped, naming why); with METALOOP_REQUIRE_POSTGRES=1 (`.ci/run` sets
+  it, after installing Debian's package where `initdb` is missing) the fallback is a failure;
 * `moto_server` as the S3 store, reached through a small forwarding process: killing that
   process takes the S3 endpoint down and restarting it brings it back *with its data*, as
   after a real object-store outage (moto keeps everything in memory, so killing moto itself
@@ -45,6 +47,7 @@ import yaml
 from support import BIN, ROOT, commit_all, flow_project, free_port, params_edit, tiny_classifier
 
 pytestmark = pytest.mark.slow
+REQUIRE_POSTGRES = "METALOOP_REQUIRE_POSTGRES"  # set by .ci/run: no SQLite fallback
 
 TARGET = "hospitality"
 BUCKET = "metaloop"  # one bucket, two prefixes, as in infra/docker-compose.yml: mlflow/ and dvc/
@@ -245,6 +248,7 @@ class Stack:
     services: dict[str, Service] = field(default_factory=dict)
     s3_port: int = 0
     moto_port: int = 0
+    pg_port: int | None = None  # the Postgres cluster behind MLflow and Prefect, if they run on one
 
     def s3(self):
         import boto3
@@ -284,6 +288,9 @@ def stack(tmp_path_factory):
     pg_dir = None
     try:
         pg = start_postgres(logs)
+        pg_port = None
+        if isinstance(pg, str) and os.environ.get(REQUIRE_POSTGRES):
+            pytest.fail(f"{REQUIRE_POSTGRES}=1 but Postgres cannot run here: {pg}", pytrace=False)
         if isinstance(pg, str):
             backend = f"sqlite ({pg})"
             mlflow_db = f"sqlite:///{root / 'mlflow.db'}"
@@ -299,7 +306,7 @@ def stack(tmp_path_factory):
                                  base_env(), logs)
         s = Stack(root, backend, f"http://127.0.0.1:{moto_port}", f"http://127.0.0.1:{s3_port}",
                   f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{prefect_port}/api", services,
-                  s3_port=s3_port, moto_port=moto_port)
+                  s3_port=s3_port, moto_port=moto_port, pg_port=pg_port)
         s.s3_up()
         wait_port(moto_port, services["moto"])
         s.s3().create_bucket(Bucket=BUCKET)
@@ -363,6 +370,38 @@ def test_mlflow_accepts_the_compose_service_name_and_rejects_other_hosts(stack):
     assert ok.status_code == 200, ok.text
     bad = httpx.post(api, json={"max_results": 1}, headers={"Host": "attacker.example:5000"})
     assert bad.status_code in (400, 403), bad.text
+
+
+# ------------------------------------------------------------------ (0b) the backend they run on
+
+
+def test_mlflow_and_prefect_store_their_data_in_postgres(stack):
+    """What each server writes lands in its Postgres database, read back with psycopg2."""
+    if stack.pg_port is None:
+        assert not os.environ.get(REQUIRE_POSTGRES)  # the fixture already failed in that case
+        pytest.skip(f"MLflow and Prefect ran on {stack.backend}; set {REQUIRE_POSTGRES}=1 (as .ci/run does) "
+                    "to make that a failure")
+    import uuid
+
+    import psycopg2
+
+    assert stack.backend == "postgresql"
+    marker = f"pg-check-{uuid.uuid4().hex[:8]}"
+    r = httpx.post(f"{stack.mlflow_url}/api/2.0/mlflow/experiments/create", json={"name": marker}, timeout=30)
+    assert r.status_code == 200, r.text
+    stack.prefect("/flows/", {"name": marker})
+
+    def rows(db: str, sql: str) -> list[tuple]:
+        conn = psycopg2.connect(host="127.0.0.1", port=stack.pg_port, user="postgres", dbname=db)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, (marker,))
+                return cur.fetchall()
+        finally:
+            conn.close()
+
+    assert rows("mlflow", "SELECT name FROM experiments WHERE name = %s") == [(marker,)]
+    assert rows("prefect", "SELECT name FROM flow WHERE name = %s") == [(marker,)]
 
 
 # ------------------------------------------------------------------ (1) registry behaviour
@@ -491,6 +530,26 @@ def registry_snapshot(c, names: list[str]) -> dict:
     return out
 
 
+def wait_for_trainer(project: Path, flow: subprocess.Popen, timeout: float = 300) -> psutil.Process | None:
+    """The flow's meta-training worker (`python -m metaloop.train`, started by torchrun in
+    `project`), stopped (SIGSTOP) as soon as it exists: it cannot finish until resumed. Its
+    start (imports, data) takes seconds, the scan a few milliseconds. None if the flow ended first."""
+    deadline = time.time() + timeout
+    while flow.poll() is None and time.time() < deadline:
+        for p in psutil.process_iter(["cmdline", "cwd"]):
+            cmd = p.info["cmdline"] or []
+            if p.info["cwd"] == str(project) and "metaloop.train" in cmd and "torch.distributed.run" not in cmd:
+                try:
+                    p.suspend()
+                    while p.status() != psutil.STATUS_STOPPED:  # the kernel's state, not a delay
+                        time.sleep(0.01)
+                except psutil.NoSuchProcess:  # it ended before it could be stopped: meta-training is over
+                    raise AssertionError("meta-training finished before the test could hold it") from None
+                return p
+        time.sleep(0.05)
+    return None
+
+
 def test_s3_outage_mid_flow_fails_cleanly_then_a_rerun_completes(stack, project, mlflow_env):
     """(3) S3 dies while meta-training runs: the uploads that follow are retried, the flow fails
     saying what failed, nothing is registered; with S3 back, a plain rerun trains and promotes."""
@@ -501,22 +560,30 @@ def test_s3_outage_mid_flow_fails_cleanly_then_a_rerun_completes(stack, project,
     assert registry_snapshot(c, names) == {}
     started = time.time()
     proc = start_flow(stack, project)
-    killed_at = None
-    deadline = time.time() + 300
+    killed_at, trainer, out = None, None, ""
     try:
-        while killed_at is None and proc.poll() is None and time.time() < deadline:
-            running = [t for t in task_runs(stack, name="meta-train") if t["state_type"] == "RUNNING"]
-            if running:
-                stack.s3_down()
-                killed_at = time.time() - started
-            time.sleep(0.25)
+        # No clock: the trainer (torchrun's worker) is held stopped while S3 goes down, so
+        # meta-training is running, and cannot have finished, when the endpoint dies.
+        trainer = wait_for_trainer(project, proc)
+        if trainer is None:
+            ended = proc.poll() is not None
+            pytest.fail("meta-training never started" + (":\n" + proc.communicate()[0][-3000:] if ended else ""))
+        assert not (project / "artifacts" / "meta" / "summary.json").exists(), "meta-training finished already"
+        stack.s3_down()
+        killed_at = time.time() - started
+        trainer.resume()
         out, _ = proc.communicate(timeout=400)
     finally:
+        if trainer is not None:
+            try:
+                trainer.resume()
+            except psutil.NoSuchProcess:
+                pass
         if proc.poll() is None:
             proc.kill()
+            proc.communicate()
         if "s3" not in stack.services:
             stack.s3_up()  # the endpoint comes back, with the data it had
-    assert killed_at is not None, "meta-training was never seen running in the Prefect server\n" + out[-3000:]
     print(f"\nS3 killed {killed_at:.0f} s into the run; the run failed after {time.time() - started:.0f} s")
 
     # The flow failed, and says which step and why.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections import Counter
 
 import pandas as pd
 import pytest
@@ -157,7 +158,7 @@ def test_centroid_accuracy_uses_class_names_when_meta_training_did(tiny_dir, tab
     assert centroid_accuracy(tiny_dir, misleading, truth, names, 32, centroids=by_name) == 1.0
 
 
-def test_centroid_accuracy_waits_for_another_threads_training_block(tiny_dir, table):
+def test_centroid_accuracy_waits_for_another_threads_training_block(tiny_dir, table, monkeypatch):
     """In the flow's `threads` runner one domain may time its latency (under the same lock)
     while another computes its accuracy before adaptation: that must not run inside the
     other's training or timing block."""
@@ -165,27 +166,57 @@ def test_centroid_accuracy_waits_for_another_threads_training_block(tiny_dir, ta
 
     from metaloop.adapt import seeded
 
+    import metaloop.adapt.torch_state as torch_state
+
     data = domain_data(table, "bank", AdaptParams())
     rows = data.train.texts[:6]
     own = Examples(rows, [f"c{i}" for i in range(len(rows))])
-    inside, release, done = threading.Event(), threading.Event(), []
+    inside, release, settled, done = threading.Event(), threading.Event(), threading.Event(), []
+
+    class Observed:
+        """The module's lock, seen from outside: `contended` is set when a thread finds it held
+        by another and starts to wait. Same semantics (a real RLock underneath)."""
+
+        def __init__(self, lock):
+            self.lock, self.contended = lock, threading.Event()
+
+        def __enter__(self):
+            if not self.lock.acquire(blocking=False):
+                self.contended.set()
+                settled.set()
+                self.lock.acquire()
+            return self
+
+        def __exit__(self, *exc):
+            self.lock.release()
+
+    lock = Observed(torch_state.TORCH_STATE)
+    monkeypatch.setattr(torch_state, "TORCH_STATE", lock)
 
     def training_block():
         with seeded(0, threads=1):
             inside.set()
-            release.wait(30)
+            release.wait(60)
+
+    def scoring():
+        try:
+            done.append(centroid_accuracy(tiny_dir, own, own, own.labels, 32))
+        finally:
+            settled.set()  # finished (or failed) without waiting: the case this test catches
 
     trainer = threading.Thread(target=training_block)
     trainer.start()
-    assert inside.wait(30)
-    scorer = threading.Thread(target=lambda: done.append(centroid_accuracy(tiny_dir, own, own, own.labels, 32)))
+    assert inside.wait(60)
+    scorer = threading.Thread(target=scoring)
     scorer.start()
-    scorer.join(3.0)
-    held = scorer.is_alive()
+    # No clock: wait until the scorer either waits for the lock or is done without it.
+    assert settled.wait(120)
+    waited, finished_inside = lock.contended.is_set(), list(done)
     release.set()
-    trainer.join(30)
-    scorer.join(60)
-    assert held and done == [1.0]
+    trainer.join(60)
+    scorer.join(120)
+    assert waited and finished_inside == [], "centroid_accuracy ran inside another thread's training block"
+    assert done == [1.0]
 
 
 def test_meta_sgd_step_sizes_from_the_init_are_used(tmp_path, tiny_dir, table):
@@ -253,7 +284,20 @@ def test_early_stopping_uses_val_rows_or_a_holdout(table):
     t = table.copy()
     data = domain_data(t, "shop", AdaptParams(holdout_fraction=0.25, early_stopping_min_rows=8))
     assert data.val_source == "train holdout" and len(data.val) == 8 and len(data.train) == 28
-    assert not set(data.val.texts) & set(data.train.texts) or len(set(data.train.texts)) < len(data.train)
+    # Every train row goes to exactly one side: as a multiset, the holdout plus the training
+    # rows are the domain's train rows, so no row is in both (and none is lost). Counting copies
+    # stays exact when a text is repeated; this table's texts are distinct, so the two sides'
+    # texts must also be disjoint outright.
+    shop_train = t[(t.domain == "shop") & (t.split == "train")]
+    assert shop_train["text"].is_unique
+    assert Counter(data.val.texts) + Counter(data.train.texts) == Counter(shop_train["text"])
+    assert not set(data.val.texts) & set(data.train.texts)
+    assert all(Counter(data.val.labels)[lab] == 2 for lab in data.labels)  # int(9 * 0.25) per label
+    # A repeated text (two train rows, one text): the copies still add up, one row one side.
+    dup = pd.concat([t, shop_train.iloc[[0]]], ignore_index=True)
+    again = domain_data(dup, "shop", AdaptParams(holdout_fraction=0.25, early_stopping_min_rows=8))
+    rows = dup.loc[(dup.domain == "shop") & (dup.split == "train"), "text"]
+    assert Counter(again.val.texts) + Counter(again.train.texts) == Counter(rows)
     assert domain_data(t, "shop", AdaptParams(early_stopping_min_rows=1000)).val is None
     t.loc[(t.domain == "shop") & (t.index % 4 == 1), "split"] = "val"
     data = domain_data(t, "shop", AdaptParams(early_stopping_min_rows=8))

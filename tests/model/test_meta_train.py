@@ -83,25 +83,61 @@ def test_changed_params_start_fresh(project):
     assert [r["step"] for r in _metrics(result.output_dir)] == [0, 1, 2, 3, 4, 5, 6]
 
 
-def test_sigterm_then_restart_matches_an_uninterrupted_run(project, tiny_dropout_dir, sub_env):
+# The real `python -m metaloop.train` entry point, with a gate in its `on_step` callback: after
+# step 4 (a regular checkpoint) it writes `ready` and waits until SIGTERM has reached the
+# trainer's own handler, so the signal always lands mid-run however fast the machine (no
+# clock), and step 5 sees it: the checkpoint at 5 is the one SIGTERM asks for.
+GATED_TRAINER = r"""
+import signal, sys, time
+from pathlib import Path
+import metaloop.train as train
+
+ready, params = Path(sys.argv[1]), sys.argv[2]
+real_run = train.run
+
+def gate(step, record):
+    if step != 4:
+        return
+    trainer_handler = signal.getsignal(signal.SIGTERM)  # metaloop.train's own
+    landed = []
+    def handler(signum, frame):
+        trainer_handler(signum, frame)
+        landed.append(signum)
+    signal.signal(signal.SIGTERM, handler)
+    ready.write_text("4")
+    deadline = time.time() + 120  # a guard against a hang, not a timing assumption
+    while not landed and time.time() < deadline:
+        time.sleep(0.01)  # sleep is interrupted by the signal; the handler runs at once
+    signal.signal(signal.SIGTERM, trainer_handler)
+    if not landed:
+        sys.exit("the test never sent SIGTERM")
+
+train.run = lambda p, **kw: real_run(p, on_step=gate, **kw)
+sys.exit(train.main(["--params", params]))
+"""
+
+
+def test_sigterm_then_restart_matches_an_uninterrupted_run(project, tiny_dropout_dir, sub_env, tmp_path):
     settings = {"backbone": tiny_dropout_dir, "steps": 30, "checkpoint_every": 4, "val_every": 10, "inner_lr": 0.01}
     reference = run(load_params(project("reference", **settings)))
 
     path = project("interrupted", **settings)
     out = load_params(path).meta.output_dir
-    proc = subprocess.Popen([sys.executable, "-m", "metaloop.train", "--params", str(path)], env=sub_env,
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", GATED_TRAINER, str(ready), str(path)], env=sub_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        rows = _metrics(out)
-        if rows and rows[-1]["step"] >= 3:
-            break
+    while not ready.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
+    if not ready.exists():
+        proc.kill()
+        pytest.fail("the trainer never reached step 4\n" + proc.communicate()[0])
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=120)[0]
     assert proc.returncode == 143, log
     stopped = json.loads((out / "checkpoints" / "latest.json").read_text())["step"]
-    assert 3 <= stopped < 30, log
+    assert stopped == 5, log  # the step after the signal landed: checkpointed, then the run stopped
+    assert [r["step"] for r in _metrics(out)] == [0, 1, 2, 3, 4, 5]
     assert not (out / "model").exists()
 
     resumed = run(load_params(path))
