@@ -51,7 +51,7 @@ from fewshot import bench_params, build_eval_set, curate_pool, parse_args
 from finetune_variants import _split
 from transformers import AutoModel, AutoTokenizer
 
-from metaloop.fewshot import mean_ci95
+from fewshot_eval import mean_ci95
 from metaloop.meta.head import label_text
 
 WEIGHTS = "cross.safetensors"

@@ -57,7 +57,7 @@ from metaloop.adapt import (
     prototype_init,
     torch_threads,
 )
-from metaloop.fewshot import mean_ci95
+from fewshot_eval import mean_ci95
 
 
 def score_episode(ep, pool, init, ap, cent, max_length, pooling, seeds, threads, second=None, logits=None) -> dict:

@@ -1,4 +1,4 @@
-"""The few-shot benchmark's core (bench/fewshot.py, metaloop/fewshot.py) on a tiny random BERT
+"""The few-shot benchmark's core (bench/fewshot.py, bench/fewshot_eval/) on a tiny random BERT
 and a synthetic multi-domain JSONL file (no CLINC150 needed).
 
 Checks: the 95% CI (known t quantiles, a known data set); the frozen-centroid classifier is
@@ -32,7 +32,11 @@ from torch import nn
 
 from metaloop.backbone import tiny_bert
 from metaloop.episodes import Episode
-from metaloop.fewshot import (
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))  # the benchmark's own package, bench/fewshot_eval
+
+from fewshot_eval import (  # noqa: E402
     EmbeddingCache,
     FinetuneParams,
     FrozenCentroid,
@@ -44,7 +48,6 @@ from metaloop.meta.head import Centroids
 from metaloop.sources import packaged_domains
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench():
@@ -136,7 +139,7 @@ def test_frozen_centroid_equals_protonet_and_caches(tiny, toy_episode_and_texts,
 
 
 def test_head_fit_starts_from_the_centroids_and_fits_the_support(tiny, toy_episode_and_texts):
-    from metaloop.fewshot import CentroidHeadFit
+    from fewshot_eval import CentroidHeadFit
 
     model, tok = tiny
     ep, texts_of = toy_episode_and_texts
@@ -208,7 +211,7 @@ def test_finetune_can_keep_the_word_embeddings_fixed(tiny, toy_episode_and_texts
 @pytest.mark.parametrize("centroids", [Centroids("sqeuclidean"), Centroids("cosine", 20.0, 1.0)],
                          ids=["sqeuclidean", "cosine+names"])
 def test_leave_one_out_logits_match_prototypes_made_without_the_row(centroids):
-    from metaloop.fewshot import leave_one_out_logits
+    from fewshot_eval.finetune import leave_one_out_logits
 
     g = torch.Generator().manual_seed(0)
     y = torch.tensor([0, 0, 1, 1, 1, 2, 2])
@@ -289,7 +292,7 @@ def test_finetune_with_the_centroid_classifier_starts_at_the_prototypes(tiny, to
 
 
 def test_prototype_head_is_the_centroid_classifier_scaled():
-    from metaloop.fewshot import _head_from_prototypes
+    from fewshot_eval.finetune import _head_from_prototypes
 
     g = torch.Generator().manual_seed(0)
     z, y = torch.randn(12, 8, generator=g), torch.arange(4).repeat(3)
