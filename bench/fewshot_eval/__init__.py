@@ -42,7 +42,6 @@ episodes) with the best weights kept.
 (Student t with n-1 degrees of freedom, computed here without scipy).
 """
 
-
 from __future__ import annotations
 
 from .finetune import AdaptFitMethod, Finetune, FinetuneParams, MetaLearnerMethod, finetune_encoder, predict

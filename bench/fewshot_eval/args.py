@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-
 import argparse
 from pathlib import Path
 from typing import Any
-
 
 import yaml
 from pydantic import ValidationError
@@ -14,7 +12,6 @@ from pydantic import ValidationError
 from .finetune import FinetuneParams
 from .pretrain import PretrainParams
 from .setup import ALGORITHMS, BASELINES, BenchConfig
-
 
 
 def _csv(s: str) -> list[str]:

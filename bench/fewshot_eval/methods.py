@@ -30,7 +30,6 @@ PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
-
 def shots_of(episode: Episode) -> int:
     return len(episode.support_ids) // max(1, episode.ways)
 

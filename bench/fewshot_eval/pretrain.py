@@ -26,7 +26,6 @@ PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
-
 class PretrainParams(_Strict):
     """Non-episodic supervised training: every meta-train intent as one classification task."""
 

@@ -3,17 +3,13 @@ table, JSON and plot."""
 
 from __future__ import annotations
 
-
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-
 from .methods import EpisodeScore, summarise
 from .setup import EvalSet
 from .stats import Summary
-
 
 
 @dataclass
@@ -40,9 +36,6 @@ class Report:
     runs: list[MethodRun]
     config: dict
     machine: dict
-
-
-
 
 
 def to_json(report: Report) -> dict:

@@ -3,7 +3,6 @@ runs the library with, the curated CLINC150 pool and the hashed evaluation episo
 
 from __future__ import annotations
 
-
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,6 @@ from metaloop.episodes import (
     RemapLabels,
     write_manifest,
 )
-
 
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "clinc150" / "clinc150.jsonl"

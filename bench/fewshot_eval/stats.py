@@ -17,7 +17,6 @@ PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
-
 def _t_pdf(x: float, df: int) -> float:
     logc = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
     return math.exp(logc - (df + 1) / 2 * math.log1p(x * x / df))

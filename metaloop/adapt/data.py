@@ -19,7 +19,6 @@ from metaloop.errors import DataError
 from metaloop.stage_params import AdaptParams
 
 
-
 @dataclass(frozen=True)
 class Examples:
     texts: list[str]

@@ -20,7 +20,6 @@ from metaloop.adapt.data import Examples
 from metaloop.adapt import torch_state
 
 
-
 def encode(tokenizer, texts: Sequence[str], max_length: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
     """Tokenize; dynamic padding unless `pad_to` (then padded/truncated to exactly that)."""
     enc = tokenizer(

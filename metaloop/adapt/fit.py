@@ -39,9 +39,6 @@ def linear_schedule(optimizer, total: int, warmup: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-
-
-
 @dataclass
 class FitHistory:
     strategy: str

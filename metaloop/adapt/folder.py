@@ -88,8 +88,6 @@ def load_for_classification(init: str | Path, labels: list[str], attn_implementa
     return model, tokenizer
 
 
-
-
 def save_classifier(model: nn.Module, tokenizer, out_dir: str | Path, info: dict) -> Path:
     """Write a standalone classifier folder atomically (safetensors, tokenizer, metaloop.json)."""
     from safetensors.torch import save_file

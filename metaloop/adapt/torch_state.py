@@ -14,7 +14,6 @@ import torch
 from metaloop.memory import freed_memory_kept
 
 
-
 # torch's default RNG (dropout, head init) and its intra-op thread count belong to the process.
 # The flow's threads task runner adapts two domains at once in one process: unguarded, their
 # dropout draws interleave and each domain's model depends on the other's timing (two identical
