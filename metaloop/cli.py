@@ -98,7 +98,8 @@ def train(
 ) -> None:
     """Meta-train under torchrun as params.meta describes; resumes from the last checkpoint."""
     from metaloop.config import load_params
-    from metaloop.train import launch, preflight
+    from metaloop.launch import launch
+    from metaloop.train_inputs import preflight
 
     preflight(load_params(params))
     code = launch(params, *(["--fresh"] if fresh else []))

@@ -23,7 +23,8 @@ run. The best (or, with no meta-val episodes, the last) weights are exported to
 <output_dir>/model (see `metaloop.meta.checkpoint.export_model`), with metrics.jsonl and
 summary.json beside it.
 
-Multi-node runs need output_dir on storage every node sees.
+Multi-node runs need output_dir on storage every node sees. What a run reads is checked in
+`metaloop.train_inputs` (`preflight`); starting torchrun is `metaloop.launch`.
 """
 
 from __future__ import annotations
@@ -31,13 +32,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import hashlib
 import json
 import logging
 import os
-import random
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -45,15 +43,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import torch
 from safetensors.torch import load_model
 
-from metaloop.backbone import load_backbone, resolve
+from metaloop.backbone import load_backbone
 from metaloop.config import Params, load_params
-from metaloop.episodes import Episode, read_manifest
-from metaloop.errors import ConfigError, DataError, MetaloopError
+from metaloop.errors import MetaloopError
+from metaloop.launch import ERROR_FILE_ENV, launch
 from metaloop.memory import keep_freed_memory
+from metaloop.train_inputs import EpisodeStream, fingerprint, preflight, read_inputs
 from metaloop.meta import dist as D
 from metaloop.meta.algorithms import LearnerConfig, MetaLearner, build_learner
 from metaloop.meta.checkpoint import Checkpoints, export_model, rng_state, set_rng_state
@@ -85,75 +83,6 @@ class TrainResult:
         return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
-# ---------------------------------------------------------------- data
-
-
-class EpisodeStream:
-    """Position i of the endless meta-train stream -> an episode (a pure function of seed, i)."""
-
-    def __init__(self, episodes: list[Episode], seed: int):
-        self.episodes, self.seed = episodes, seed
-        self._perm: tuple[int, list[int]] | None = None
-
-    def __getitem__(self, i: int) -> Episode:
-        n = len(self.episodes)
-        epoch, pos = divmod(i, n)
-        if self._perm is None or self._perm[0] != epoch:
-            order = list(range(n))
-            random.Random(f"metaloop-stream:{self.seed}:{epoch}").shuffle(order)
-            self._perm = (epoch, order)
-        return self.episodes[self._perm[1][pos]]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _load_texts(curated: Path, episodes: list[Episode]) -> dict[str, str]:
-    if not curated.is_file():
-        raise DataError(f"{curated}: curated dataset not found; run `metaloop curate` (or `dvc repro curate`)")
-    try:
-        table = pd.read_parquet(curated, columns=["id", "text"])
-    except (KeyError, ValueError) as err:
-        raise DataError(f"{curated}: cannot read columns id, text ({err}); re-run `metaloop curate`") from None
-    texts = dict(zip(table["id"], table["text"]))
-    missing = {i for e in episodes for i in (*e.support_ids, *e.query_ids)} - texts.keys()
-    if missing:
-        raise DataError(
-            f"{len(missing)} episode row ids (e.g. {min(missing)!r}) are not in {curated}; the "
-            "manifests are older than the curated data: re-run `metaloop episodes`"
-        )
-    return texts
-
-
-def _inputs(params: Params, curated=None, meta_train=None, meta_val=None):
-    curated = Path(curated or params.curation.output_dir / "curated.parquet")
-    meta_train = Path(meta_train or params.episodes.output_dir / "meta_train.jsonl")
-    meta_val = Path(meta_val or params.episodes.output_dir / "meta_val.jsonl")
-    train_eps = read_manifest(meta_train)
-    if not train_eps:
-        raise DataError(f"{meta_train}: no episodes; check domains.meta_train and re-run `metaloop episodes`")
-    val_eps = read_manifest(meta_val)[: params.meta.val_episodes] if meta_val.is_file() else []
-    texts = _load_texts(curated, train_eps + val_eps)
-    return curated, meta_train, meta_val, train_eps, val_eps, texts
-
-
-def preflight(params: Params, **paths) -> None:
-    """Raise ConfigError / DataError now for what would make every rank fail (missing data,
-    unknown backbone, impossible algorithm/adapt pairs); call before launching torchrun,
-    whose own exit status does not tell bad input from a crash."""
-    m = params.meta
-    resolve(params.backbone.name_or_path)
-    if m.algorithm == "reptile" and m.adapt in ("head", "lora"):
-        raise ConfigError(f"meta.algorithm=reptile with meta.adapt={m.adapt}: Reptile only moves adapted encoder "
-                          "weights, so nothing would be meta-learned; use adapt all or top_k")
-    _inputs(params, **paths)
-
-
 # ---------------------------------------------------------------- signals
 
 
@@ -180,22 +109,6 @@ class _Stop:
 # ---------------------------------------------------------------- the run
 
 
-def fingerprint(params: Params, files: list[Path]) -> str:
-    """What a checkpoint must match to be resumed: the math-relevant params and the data."""
-    m = params.meta
-    knobs = {
-        "seed": params.seed,
-        "backbone": params.backbone.model_dump(mode="json"),
-        "meta": m.model_dump(mode="json", include={
-            "algorithm", "adapt", "top_k", "lora_rank", "lora_targets", "inner_steps", "inner_lr",
-            "outer_lr", "first_order", "meta_batch_size", "bf16", "max_grad_norm", "metric", "scale",
-            "label_shots",
-        }),
-        "data": {p.name: _sha256(p) for p in files if p.is_file()},
-    }
-    return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()
-
-
 def run(
     params: Params,
     *,
@@ -217,7 +130,7 @@ def run(
     out = Path(output_dir or m.output_dir)
     torch.set_num_threads(m.threads_per_rank)
     keep_freed_memory()
-    curated, meta_train, meta_val, train_eps, val_eps, texts = _inputs(params, curated, meta_train, meta_val)
+    curated, meta_train, meta_val, train_eps, val_eps, texts = read_inputs(params, curated, meta_train, meta_val)
     fp = fingerprint(params, [curated, meta_train, meta_val])
 
     ctx = D.setup()
@@ -395,59 +308,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
 
 
-# ---------------------------------------------------------------- launching
-
-
-def torchrun_command(params: Params, params_path: str | Path, *extra: str) -> list[str]:
-    """The torchrun command line params.meta asks for (nproc, nnodes, rendezvous, restarts)."""
-    m = params.meta
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(m.nnodes),
-           "--nproc-per-node", str(m.nproc), "--max-restarts", str(m.max_restarts)]
-    if m.rdzv_endpoint:
-        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", m.rdzv_endpoint, "--rdzv-id", m.rdzv_id]
-    else:
-        cmd += ["--standalone"]
-    return [*cmd, "-m", "metaloop.train", "--params", str(params_path), *extra]
-
-
-def torchrun_env(params: Params, base: dict | None = None) -> dict:
-    """The environment for `torchrun_command`: `base` (default os.environ) plus one thread per
-    rank and, for a c10d rendezvous, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1. torch 2.13's shared
-    agent store cannot take a replaced node: in the next round the survivor keeps its cached
-    store address and never publishes it, so the new node's agent waits for it and both time
-    out. Unshared, rank 0 publishes a fresh store address every round (see `metaloop.meta.dist`)."""
-    env = {**(os.environ if base is None else base), "OMP_NUM_THREADS": str(params.meta.threads_per_rank),
-           ERROR_FILE_ENV: str(Path(params.meta.output_dir).resolve() / "launch-error.json")}
-    if params.meta.rdzv_endpoint:
-        env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    return env
-
-
-def launch(params_path: str | Path, *extra: str) -> int:
-    """Run meta-training under torchrun as params.meta describes; returns its exit status.
-    A rank's MetaloopError ends the job at once and is raised here with its message."""
-    params = load_params(params_path)
-    cmd = torchrun_command(params, params_path, *extra)
-    env = torchrun_env(params)
-    error_file = Path(env[ERROR_FILE_ENV])
-    error_file.unlink(missing_ok=True)
-    code = subprocess.run(cmd, env=env, check=False).returncode
-    raise_rank_error(error_file)
-    return code
-
-
-def raise_rank_error(error_file: Path) -> None:
-    """Re-raise the MetaloopError a rank recorded in `error_file` (see `_end_the_job`)."""
-    if not error_file.is_file():
-        return
-    from metaloop import errors
-
-    record = json.loads(error_file.read_text())
-    cls = getattr(errors, record.get("type", ""), None)
-    cls = cls if isinstance(cls, type) and issubclass(cls, MetaloopError) else MetaloopError
-    raise cls(f"meta-training rank {record.get('rank')}: {record['message']}")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m metaloop.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
@@ -468,9 +328,6 @@ def main(argv: list[str] | None = None) -> int:
         _end_the_job(err, rank)
         return 2
     return 143 if result.interrupted else 0
-
-
-ERROR_FILE_ENV = "METALOOP_ERROR_FILE"  # where a rank records the MetaloopError that ended the job
 
 
 def _end_the_job(err: MetaloopError, rank: str) -> None:

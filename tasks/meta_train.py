@@ -21,7 +21,8 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.tasks import exponential_backoff
 
 from metaloop.config import Params
-from metaloop.train import ERROR_FILE_ENV, preflight, raise_rank_error, torchrun_command, torchrun_env
+from metaloop.launch import ERROR_FILE_ENV, raise_rank_error, torchrun_command, torchrun_env
+from metaloop.train_inputs import preflight
 from tasks.retry import healable
 from tasks.tracking import log_metrics
 

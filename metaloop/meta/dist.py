@@ -57,7 +57,7 @@ def setup(timeout_s: float = 1800.0) -> DistContext:
         # group's addresses and fail to connect. Namespacing the store by attempt avoids it.
         # Only then: the restart count is each agent's own, so it disagrees across nodes once a
         # node's launcher is replaced (pytorch#135712). With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-        # (what multi-node restarts need, set by `metaloop.train.torchrun_env`) rank 0 hosts a fresh store
+        # (what multi-node restarts need, set by `metaloop.launch.torchrun_env`) rank 0 hosts a fresh store
         # every attempt and no prefix is wanted: one would make the nodes wait on different keys.
         store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from metaloop.config import load_params
-from metaloop.train import run, torchrun_command
+from metaloop.launch import torchrun_command
+from metaloop.train import run
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -211,7 +212,8 @@ def test_torchrun_command_carries_rendezvous_settings(project):
 
 def test_preflight_names_missing_data_and_impossible_settings(project, tmp_path):
     from metaloop.errors import ConfigError, DataError
-    from metaloop.train import main, preflight
+    from metaloop.train_inputs import preflight
+    from metaloop.train import main
 
     path = project()
     params = load_params(path)
@@ -228,7 +230,7 @@ def test_a_config_error_in_a_rank_ends_the_job_at_once(tmp_path, make_project, s
     """A backbone that cannot load fails every attempt the same way: the rank records its
     message and stops torchrun's agent, instead of three elastic restarts (issue 28)."""
     from metaloop.errors import ConfigError
-    from metaloop.train import launch
+    from metaloop.launch import launch
 
     path = make_project(tmp_path / "bad", tmp_path / "no-such-backbone", max_restarts=2)
     proc = subprocess.run([sys.executable, "-m", "metaloop.train", "--params", str(path), "--launch"], env=sub_env,

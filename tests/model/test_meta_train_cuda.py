@@ -40,7 +40,7 @@ def _losses(out) -> list[float]:
 
 
 def test_torchrun_on_gpu_uses_nccl_and_matches_the_cpu_run(tmp_path, tiny_dir, make_project, sub_env):
-    from metaloop.train import torchrun_command
+    from metaloop.launch import torchrun_command
 
     ranks = min(2, torch.cuda.device_count())
     gpu = load_params(make_project(tmp_path / "gpu", tiny_dir, nproc=ranks))

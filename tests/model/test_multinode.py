@@ -28,7 +28,8 @@ import torch
 from safetensors.torch import load_file
 
 from metaloop.config import load_params
-from metaloop.train import ERROR_FILE_ENV, run, torchrun_command, torchrun_env
+from metaloop.launch import ERROR_FILE_ENV, torchrun_command, torchrun_env
+from metaloop.train import run
 from support import free_port
 
 
