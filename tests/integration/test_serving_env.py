@@ -26,6 +26,7 @@ from tasks.tracking import TAG, client, experiment_id, start_run
 
 pytestmark = pytest.mark.slow
 NAME = "metaloop-hotel"
+NAME_FP32 = "metaloop-hotelfp"  # the same classifier registered with recipe fp32
 LABELS = ["checkout", "shuttle", "towels"]
 
 
@@ -47,6 +48,10 @@ def registry(tmp_path_factory):
         source = log_classifier(c, run, tmp / "int8")
         tags = {TAG + "eval_hash": "e", TAG + "metrics": json.dumps({"accuracy": 90.0})}
         promote(c, NAME, register_version(c, NAME, source, run, tags), Promotion(alpha=None).policy())
+        # registry.recipe: fp32 registers the torch folder itself: its own, larger environment
+        run = start_run(c, experiment_id(c, "serving"), "domain hotel fp32")
+        promote(c, NAME_FP32, register_version(c, NAME_FP32, log_classifier(c, run, fp32), run, tags),
+                Promotion(alpha=None).policy())
         yield tmp, uri
     finally:
         os.chdir(old[0])
@@ -70,13 +75,14 @@ def test_requirements_are_pinned_and_torch_free_for_onnx(registry):
     assert (local / "code" / "metaloop" / "onnx_runtime.py").is_file()  # the runtime travels with it
 
 
-def test_champion_loads_and_predicts_in_a_fresh_venv(registry):
+@pytest.mark.parametrize("name, torch_needed", [(NAME, False), (NAME_FP32, True)], ids=["int8", "fp32"])
+def test_champion_loads_and_predicts_in_a_fresh_venv(registry, name, torch_needed):
     tmp, uri = registry
     import mlflow.artifacts
 
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(tmp / "dl2"),
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=str(tmp / f"dl-{name}"),
                                                       tracking_uri=uri))
-    venv = tmp / "venv"
+    venv = tmp / f"venv-{name}"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
     pip = [str(py), "-m", "pip", "install", "--quiet"]
@@ -85,7 +91,7 @@ def test_champion_loads_and_predicts_in_a_fresh_venv(registry):
     assert proc.returncode == 0, proc.stderr[-3000:]
     code = (
         "import json, sys, mlflow.pyfunc;"
-        f"m = mlflow.pyfunc.load_model('models:/{NAME}@champion');"
+        f"m = mlflow.pyfunc.load_model('models:/{name}@champion');"
         "import metaloop;"
         "out = m.predict(['can the shuttle pick us up at 6am', 'more towels please'], params={'top_k': 2});"
         "one = m.predict('more towels please');"
@@ -99,12 +105,12 @@ def test_champion_loads_and_predicts_in_a_fresh_venv(registry):
     proc = subprocess.run([str(py), "-I", "-c", code], capture_output=True, text=True, cwd=tmp, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     preds, one, runtime_file, has_torch = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert not has_torch  # the int8 champion's environment has no torch at all
+    assert has_torch == torch_needed  # the int8 champion's environment has no torch at all
     assert not runtime_file.startswith(str(ROOT))  # the model's own copy, not this checkout
     assert all(p["label"] in LABELS and 0 < p["score"] <= 1 for p in preds + one)
     assert all(len(p["top_labels"]) == 2 and p["top_labels"][0] == p["label"] for p in preds)
     size_mb = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file()) / 1e6
-    print(f"\nserving venv for the int8 champion: {size_mb:.0f} MB")
+    print(f"\nserving venv for {name}: {size_mb:.0f} MB")
 
 
 def test_mlflow_models_serve_answers_invocations(registry):
@@ -236,3 +242,16 @@ def test_the_serving_image_script_follows_the_alias_on_restart(registry):
         server.terminate()
         server.wait(timeout=30)
         c.set_registered_model_alias(NAME, "champion", "1")  # later tests expect v1 served
+
+
+def test_a_torch_recipe_pins_the_cpu_torch_it_was_trained_with(registry):
+    import mlflow.artifacts
+    from importlib.metadata import version
+
+    tmp, uri = registry
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME_FP32}@champion", dst_path=str(tmp / "dl-req"),
+                                                      tracking_uri=uri))
+    reqs = [r for r in (local / "requirements.txt").read_text().splitlines() if r and not r.startswith("#")]
+    assert f"torch=={version('torch')}" in reqs and "+cpu" in version("torch"), reqs  # never the CUDA build
+    assert {"transformers", "safetensors", "mlflow"} <= {r.split("==")[0] for r in reqs} and "metaloop" not in str(reqs)
+    assert (local / "code" / "metaloop" / "compress" / "runtime.py").is_file()
