@@ -116,3 +116,34 @@ def tiny_classifier(folder: Path, labels: list[str], seed: int = 0) -> Path:
     BertForSequenceClassification(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def prefect_client(api_url: str):
+    """A synchronous client of the real Prefect API at `api_url` (the shared `prefect_api`
+    server): what tests read task-run states, flow runs and logs with."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    return SyncPrefectClient(api_url)
+
+
+def flow_runs_since(client, flow_name: str, since) -> list:
+    """The runs of flow `flow_name` created at or after `since` (an aware datetime), oldest first."""
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
+    return sorted((r for r in runs if r.created >= since), key=lambda r: r.created)
+
+
+def flow_run_logs(client, flow_run_id) -> list[str]:
+    """Every log message the API holds for one flow run (its tasks' included), in order."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    out, offset = [], 0
+    while True:
+        page = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200,
+                                offset=offset, sort=LogSort.TIMESTAMP_ASC)
+        out += [log.message for log in page]
+        if len(page) < 200:
+            return out
+        offset += 200

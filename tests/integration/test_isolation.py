@@ -117,6 +117,11 @@ def test_a_failure_at_any_stage_stays_with_its_domain(project):
         want = "FINISHED" if FAULTS[domain] == "promotion" else "FAILED"
         assert runs[domain].info.status == want, (domain, runs[domain].info.status)
     assert runs[HEALTHY].info.status == "FINISHED"
+    # the report failed, so the flow closed the parent run itself: FAILED; meta-training succeeded
+    by_name = {r.info.run_name: r for r in c.search_runs([exp]) if not r.data.tags.get("metaloop.domain")}
+    [parent] = [r for n, r in by_name.items() if n.startswith("retrain ")]
+    assert parent.info.status == "FAILED"
+    assert by_name["meta-train"].info.status == by_name["curate"].info.status == "FINISHED"
     assert all(r.info.status != "RUNNING" for r in c.search_runs([exp]))
 
 
@@ -149,3 +154,25 @@ def test_a_kill_between_creation_and_tags_leaves_nothing_that_claims_an_evaluati
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert versions(c, HEALTHY)["2"]["metaloop.state"].startswith("abandoned")
     assert json.loads(versions(c, HEALTHY)["3"]["metaloop.metrics"])
+
+
+def test_a_failed_rank_ends_the_meta_and_parent_runs_failed(project):
+    """A rank that cannot load the backbone ends meta-training (its MetaloopError, no retry):
+    the meta-train and parent MLflow runs end FAILED, not RUNNING."""
+    c = client(project)
+    exp = c.get_experiment_by_name("metaloop").experiment_id
+    seen = {r.info.run_id for r in c.search_runs([exp])}
+    config = project / "tiny" / "config.json"
+    good = config.read_text()
+    config.write_text("{ this is not json")
+    try:
+        proc = run(project, "--force")
+    finally:
+        config.write_text(good)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-4000:]  # an input error: one message, status 2
+    assert "meta-training rank" in out and "cannot load an encoder" in out, out[-4000:]
+    new = {r.info.run_name.split(" ")[0]: r for r in c.search_runs([exp]) if r.info.run_id not in seen}
+    assert set(new) == {"retrain", "curate", "meta-train"}, set(new)  # the domains never started
+    assert new["meta-train"].info.status == "FAILED" and new["retrain"].info.status == "FAILED"
+    assert new["curate"].info.status == "FINISHED"
